@@ -1,0 +1,158 @@
+"""Per-token scores as small pure functions in a named map, per-voice stats, voice transitions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from .parse import Segment
+from .trace import TokenRecord
+
+LN2 = math.log(2)
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def probability(tok: TokenRecord) -> float | None:
+    """Probability of the chosen token."""
+    return math.exp(tok.logprob) if _finite(tok.logprob) else None  # type: ignore[arg-type]
+
+
+def surprisal(tok: TokenRecord) -> float | None:
+    """Surprisal of the chosen token in bits (-log2 p)."""
+    return -tok.logprob / LN2 if _finite(tok.logprob) else None  # type: ignore[operator]
+
+
+def entropy_bounds(
+    top_logprobs: Sequence[float], vocab_size: int | None = None
+) -> tuple[float, float | None]:
+    """Bounds (nats) on the entropy of a distribution known only by its top-k logprobs.
+
+    The unseen tail has mass r = 1 - sum(top). Each tail token has p <= min(top), so the tail
+    adds at least r * -log(min p) (lower bound); spread evenly over the remaining vocabulary it
+    adds at most r * log((V - k) / r) (upper bound, needs V).
+    """
+    probs = [math.exp(lp) for lp in top_logprobs if _finite(lp)]
+    if not probs:
+        return 0.0, (math.log(vocab_size) if vocab_size else None)
+    probs = [min(p, 1.0) for p in probs]
+    head = -sum(p * math.log(p) for p in probs if p > 0)
+    tail = max(0.0, 1.0 - sum(probs))
+    if tail <= 1e-12:
+        return head, head
+    pmin = min(probs)
+    lower = head + tail * -math.log(max(pmin, 1e-300))
+    upper = None
+    if vocab_size and vocab_size > len(probs):
+        upper = head + tail * math.log((vocab_size - len(probs)) / tail)
+        upper = max(upper, lower)
+    return lower, upper
+
+
+def entropy(tok: TokenRecord) -> float | None:
+    """Entropy (nats) at this step: exact when the backend had full logits, else the top-k lower
+    bound with the tail mass (see :func:`entropy_bounds`)."""
+    if _finite(tok.entropy):
+        return tok.entropy
+    lps = [a.logprob for a in tok.top if _finite(a.logprob)]
+    if not lps:
+        return None
+    return entropy_bounds(lps)[0]  # type: ignore[arg-type]
+
+
+def margin(tok: TokenRecord) -> float | None:
+    """Top-1 minus top-2 probability: how decided the step was."""
+    ps = sorted((math.exp(a.logprob) for a in tok.top if _finite(a.logprob)), reverse=True)
+    if len(ps) < 2:
+        return None
+    return ps[0] - ps[1]
+
+
+def rank(tok: TokenRecord) -> int | None:
+    """1-based rank of the chosen token among the alternatives (None when not among them)."""
+    for i, a in enumerate(sorted(tok.top, key=lambda a: -(a.logprob or -math.inf))):
+        if (a.token_id is not None and a.token_id == tok.token_id) or (
+            a.token_id is None and a.text == tok.text
+        ):
+            return i + 1
+    return None
+
+
+TOKEN_METRICS: dict[str, Callable[[TokenRecord], float | int | None]] = {
+    "probability": probability,
+    "surprisal": surprisal,
+    "entropy": entropy,
+    "margin": margin,
+    "rank": rank,
+}
+
+
+@dataclass(frozen=True)
+class VoiceStats:
+    """Aggregates for one voice."""
+
+    voice: str
+    tokens: int
+    mean_logprob: float | None
+    perplexity: float | None
+    mean_entropy: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain mapping."""
+        return {
+            "voice": self.voice,
+            "tokens": self.tokens,
+            "mean_logprob": self.mean_logprob,
+            "perplexity": self.perplexity,
+            "mean_entropy": self.mean_entropy,
+        }
+
+
+def voice_stats(tokens: Iterable[TokenRecord]) -> list[VoiceStats]:
+    """Tokens, mean logprob, perplexity and mean entropy per voice, in first-seen order."""
+    acc: dict[str, list[list[float]]] = {}
+    counts: dict[str, int] = {}
+    for t in tokens:
+        v = t.voice or "?"
+        counts[v] = counts.get(v, 0) + 1
+        lp, ent = acc.setdefault(v, [[], []])
+        if _finite(t.logprob):
+            lp.append(t.logprob)  # type: ignore[arg-type]
+        e = entropy(t)
+        if e is not None:
+            ent.append(e)
+    out = []
+    for v, (lp, ent) in acc.items():
+        mean_lp = sum(lp) / len(lp) if lp else None
+        out.append(
+            VoiceStats(
+                voice=v,
+                tokens=counts[v],
+                mean_logprob=mean_lp,
+                perplexity=math.exp(-mean_lp) if mean_lp is not None else None,
+                mean_entropy=sum(ent) / len(ent) if ent else None,
+            )
+        )
+    return out
+
+
+def transition_matrix(
+    segments: Iterable[Segment], skip_blank: bool = True
+) -> tuple[list[str], list[list[int]]]:
+    """Counts of voice A followed by voice B over consecutive (non-blank) segments."""
+    order: list[str] = []
+    seq: list[str] = []
+    for s in segments:
+        if skip_blank and not s.text:
+            continue
+        if s.voice not in order:
+            order.append(s.voice)
+        seq.append(s.voice)
+    idx = {v: i for i, v in enumerate(order)}
+    m = [[0] * len(order) for _ in order]
+    for a, b in zip(seq, seq[1:], strict=False):
+        m[idx[a]][idx[b]] += 1
+    return order, m

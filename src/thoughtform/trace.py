@@ -1,0 +1,382 @@
+"""The record of a generation or a parsed transcript: tokens, segments, metadata; JSONL on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .parse import Segment
+
+SCHEMA = 1
+
+
+class TraceError(ValueError):
+    """A trace file is invalid; the message names the file and line."""
+
+
+def _num(x: Any) -> float | None:
+    """A finite float or None (JSON has no NaN/inf; a NaN logprob means 'unknown')."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+@dataclass(slots=True)
+class Alternative:
+    """One of the top candidates at a step: its text, logprob and (when known) id and bytes."""
+
+    text: str
+    logprob: float | None
+    token_id: int | None = None
+    bytes: bytes | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: text, logprob, and token_id/bytes (hex) when known."""
+        d: dict[str, Any] = {"text": self.text, "logprob": _num(self.logprob)}
+        if self.token_id is not None:
+            d["token_id"] = self.token_id
+        if self.bytes is not None:
+            d["bytes"] = self.bytes.hex()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Alternative:
+        """Inverse of :meth:`to_dict`."""
+        b = d.get("bytes")
+        return cls(
+            text=str(d.get("text", "")),
+            logprob=_num(d.get("logprob")),
+            token_id=d.get("token_id") if isinstance(d.get("token_id"), int) else None,
+            bytes=bytes.fromhex(b) if isinstance(b, str) else None,
+        )
+
+
+@dataclass(slots=True)
+class AttentionSummary:
+    """Where one generated token attended, compressed: per layer, mass per earlier segment
+    plus the top source positions (so memory grows with tokens x layers, not tokens^2)."""
+
+    # segment_mass[layer] = list of (segment index, mass); top[layer] = list of (position, weight)
+    segment_mass: list[list[tuple[int, float]]]
+    top: list[list[tuple[int, float]]]
+    prompt_mass: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, weights rounded to 4 decimals."""
+        return {
+            "segment_mass": [[[i, round(m, 4)] for i, m in layer] for layer in self.segment_mass],
+            "top": [[[p, round(w, 4)] for p, w in layer] for layer in self.top],
+            "prompt_mass": [round(x, 4) for x in self.prompt_mass],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttentionSummary:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            segment_mass=[[(int(i), float(m)) for i, m in layer] for layer in d["segment_mass"]],
+            top=[[(int(p), float(w)) for p, w in layer] for layer in d["top"]],
+            prompt_mass=[float(x) for x in d.get("prompt_mass", [])],
+        )
+
+
+@dataclass(slots=True)
+class TokenRecord:
+    """One generated token with its telemetry; nulls where the source had no data."""
+
+    index: int
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+    top: list[Alternative] = field(default_factory=list)
+    entropy: float | None = None
+    voice: str | None = None
+    bytes: bytes | None = None
+    attention: AttentionSummary | None = None
+    lens: list[str] | None = None
+    t: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSONL token record."""
+        d: dict[str, Any] = {
+            "type": "token",
+            "index": self.index,
+            "text": self.text,
+            "token_id": self.token_id,
+            "logprob": _num(self.logprob),
+            "top": [a.to_dict() for a in self.top],
+            "entropy": _num(self.entropy),
+            "voice": self.voice,
+        }
+        if self.bytes is not None:
+            d["bytes"] = self.bytes.hex()
+        if self.attention is not None:
+            d["attention"] = self.attention.to_dict()
+        if self.lens is not None:
+            d["lens"] = self.lens
+        if self.t is not None:
+            d["t"] = round(self.t, 6)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenRecord:
+        """Inverse of :meth:`to_dict` (raises KeyError/TypeError/ValueError on bad data)."""
+        if not isinstance(d["index"], int) or isinstance(d["index"], bool):
+            raise TypeError("'index' must be an integer")
+        if not isinstance(d["text"], str):
+            raise TypeError("'text' must be a string")
+        top = d.get("top") or []
+        if not isinstance(top, list) or not all(isinstance(a, dict) for a in top):
+            raise TypeError("'top' must be a list of objects")
+        tid = d.get("token_id")
+        b = d.get("bytes")
+        att = d.get("attention")
+        return cls(
+            index=d["index"],
+            text=d["text"],
+            token_id=tid if isinstance(tid, int) else None,
+            logprob=_num(d.get("logprob")),
+            top=[Alternative.from_dict(a) for a in top],
+            entropy=_num(d.get("entropy")),
+            voice=d.get("voice") if isinstance(d.get("voice"), str) else None,
+            bytes=bytes.fromhex(b) if isinstance(b, str) else None,
+            attention=AttentionSummary.from_dict(att) if isinstance(att, dict) else None,
+            lens=[str(x) for x in d["lens"]] if isinstance(d.get("lens"), list) else None,
+            t=_num(d.get("t")),
+        )
+
+
+def segment_to_record(seg: Segment) -> dict[str, Any]:
+    """The JSONL segment record."""
+    return {
+        "type": "segment",
+        "voice": seg.voice,
+        "text": seg.text,
+        "start": seg.start,
+        "end": seg.end,
+        "marker": seg.marker,
+        "close_marker": seg.close_marker,
+        "tokens": list(seg.tokens),
+    }
+
+
+def segment_from_record(d: dict[str, Any]) -> Segment:
+    """Inverse of :func:`segment_to_record`."""
+    for k in ("voice", "text"):
+        if not isinstance(d.get(k), str):
+            raise TypeError(f"'{k}' must be a string")
+    for k in ("start", "end"):
+        if not isinstance(d.get(k), int) or isinstance(d.get(k), bool):
+            raise TypeError(f"'{k}' must be an integer")
+    toks = d.get("tokens") or []
+    return Segment(
+        voice=d["voice"],
+        text=d["text"],
+        start=d["start"],
+        end=d["end"],
+        marker=str(d.get("marker", "")),
+        close_marker=str(d.get("close_marker", "")),
+        tokens=tuple(int(t) for t in toks),
+    )
+
+
+@dataclass
+class Trace:
+    """One generation or transcript: metadata, tokens, segments, and how it finished."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    tokens: list[TokenRecord] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    finish: dict[str, Any] | None = None
+    source_text: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The full text: the transcript, or the generated tokens joined."""
+        if self.source_text is not None:
+            return self.source_text
+        return "".join(t.text for t in self.tokens)
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the generation did not finish normally (no end record, error or cancel)."""
+        if self.finish is None:
+            return bool(self.tokens) or self.meta.get("kind") == "generation"
+        return self.finish.get("reason") in ("cancelled", "error", "interrupted")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """All JSONL records in file order."""
+        yield {"type": "meta", "schema": SCHEMA, **self.meta}
+        if self.source_text is not None:
+            yield {"type": "text", "text": self.source_text}
+        for t in self.tokens:
+            yield t.to_dict()
+        for s in self.segments:
+            yield segment_to_record(s)
+        if self.finish is not None:
+            yield {"type": "end", **self.finish}
+
+    def to_jsonl(self) -> str:
+        """The trace as JSONL text."""
+        return "".join(_dumps(r) + "\n" for r in self.records())
+
+    def save(self, path: str | Path) -> None:
+        """Write the trace to ``path`` as JSONL."""
+        Path(path).write_text(self.to_jsonl(), encoding="utf-8")
+
+    def _repr_html_(self) -> str:
+        from .render.html import render_fragment
+
+        return render_fragment(self)
+
+
+def _dumps(rec: dict[str, Any]) -> str:
+    # ensure_ascii keeps lone surrogates and control characters representable in UTF-8 files.
+    return json.dumps(rec, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def is_trace_text(head: str) -> bool:
+    """Whether text looks like a trace JSONL (its first line is a meta record)."""
+    first = head.lstrip("\ufeff").split("\n", 1)[0].strip()
+    if not first.startswith("{"):
+        return False
+    try:
+        rec = json.loads(first)
+    except ValueError:
+        return '"type":"meta"' in first.replace(" ", "")
+    return isinstance(rec, dict) and rec.get("type") == "meta"
+
+
+def parse_trace_lines(
+    lines: Iterable[str], source: str = "<trace>", errors: list[str] | None = None
+) -> Trace:
+    """Build a trace from JSONL lines; bad lines raise TraceError, or are reported into
+    ``errors`` (``"source:line: reason"``) and skipped when a list is given."""
+    trace = Trace()
+    seen_meta = False
+
+    def bad(lineno: int, why: str) -> None:
+        msg = f"{source}:{lineno}: {why}"
+        if errors is None:
+            raise TraceError(msg)
+        errors.append(msg)
+
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.lstrip("\ufeff").strip() if lineno == 1 else raw.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            bad(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(rec, dict):
+            bad(lineno, f"expected a JSON object, got {type(rec).__name__}")
+            continue
+        kind = rec.get("type")
+        if not seen_meta:
+            if kind != "meta":
+                bad(lineno, "the first record must be {\"type\":\"meta\",...}")
+                if errors is None:
+                    continue
+            else:
+                schema = rec.get("schema")
+                if schema != SCHEMA:
+                    bad(lineno, f"unsupported schema {schema!r} (expected {SCHEMA})")
+                meta = {k: v for k, v in rec.items() if k not in ("type", "schema")}
+                trace.meta = meta
+                seen_meta = True
+                continue
+        try:
+            if kind == "token":
+                tok = TokenRecord.from_dict(rec)
+                if tok.index != len(trace.tokens):
+                    raise ValueError(f"token index {tok.index}, expected {len(trace.tokens)}")
+                trace.tokens.append(tok)
+            elif kind == "segment":
+                trace.segments.append(segment_from_record(rec))
+            elif kind == "text":
+                if not isinstance(rec.get("text"), str):
+                    raise TypeError("'text' must be a string")
+                trace.source_text = (trace.source_text or "") + rec["text"]
+            elif kind == "end":
+                trace.finish = {k: v for k, v in rec.items() if k != "type"}
+            elif kind == "meta":
+                raise ValueError("a second meta record")
+            else:
+                raise ValueError(f"unknown record type {kind!r}")
+        except KeyError as e:
+            bad(lineno, f"{kind} record: missing field {e.args[0]!r}")
+        except (TypeError, ValueError) as e:
+            bad(lineno, f"{kind} record: {e}")
+    if not seen_meta:
+        bad(0, "empty trace: no meta record")
+    return trace
+
+
+def load_trace(path: str | Path, errors: list[str] | None = None) -> Trace:
+    """Load a trace JSONL file (streaming, line by line); see :func:`parse_trace_lines`."""
+    p = Path(path)
+    try:
+        fh = open(p, encoding="utf-8", errors="strict", newline="")
+    except FileNotFoundError:
+        raise TraceError(f"{p}: file not found") from None
+    except OSError as e:
+        raise TraceError(f"{p}: cannot read: {e.strerror}") from None
+    with fh:
+        try:
+            return parse_trace_lines(fh, str(p), errors)
+        except UnicodeDecodeError as e:
+            raise TraceError(f"{p}: byte {e.start}: not valid UTF-8") from None
+
+
+class TraceWriter:
+    """Appends a trace to JSONL while it streams; a crash leaves every flushed token on disk."""
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], flush_every: int = 16) -> None:
+        self.path = Path(path)
+        self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
+        self._flush_every = max(1, flush_every)
+        self._since = 0
+        self._write({"type": "meta", "schema": SCHEMA, **meta})
+        self._fh.flush()
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        if self._fh is not None:
+            self._fh.write(_dumps(rec) + "\n")
+
+    def token(self, tok: TokenRecord) -> None:
+        """Append one token record."""
+        self._write(tok.to_dict())
+        self._since += 1
+        if self._since >= self._flush_every and self._fh is not None:
+            self._fh.flush()
+            self._since = 0
+
+    def segment(self, seg: Segment) -> None:
+        """Append one closed segment."""
+        self._write(segment_to_record(seg))
+
+    def end(self, finish: dict[str, Any]) -> None:
+        """Append the end record and close the file."""
+        self._write({"type": "end", **finish})
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close (an unfinished trace loads as interrupted)."""
+        if self._fh is not None:
+            self._fh.flush()
+            try:
+                os.fsync(self._fh.fileno())
+            except OSError:
+                pass
+            self._fh.close()
+            self._fh = None
