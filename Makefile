@@ -1,0 +1,50 @@
+# thoughtform: `make serve` starts the workbench, `make test` runs lint and the whole suite.
+# Both set up .venv from nothing (pip, plus Debian's chromium for the browser tests).
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+STAMP   := $(VENV)/.installed
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# llama-cpp-python compiles llama.cpp from source. A portable AVX2 build: -march=native enables
+# AMX kernels that crash (SIGSEGV in batch decode) in sandboxes that do not grant AMX state.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
+.PHONY: test serve lint typecheck chromium adapter screenshots bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install 'torch==2.13.0'
+	$(PIP) install -e '.[dev,llama,ui,hf,train]'
+	touch $@
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) chromium lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+serve: $(STAMP)
+	$(VENV)/bin/thoughtform serve
+
+bench: $(STAMP)
+	$(VENV)/bin/thoughtform bench parse
+	$(VENV)/bin/thoughtform bench backend
+
+screenshots: $(STAMP) chromium
+	$(PY) scripts/screenshots.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,150 @@
+"""``thoughtform bench backend``: telemetry cost on the embedded model, side by side.
+
+One process, interleaved rounds: (a) plain llama-cpp-python streaming, no telemetry; (b) its own
+logprobs (``logits_all=True``, 5 alternatives); (c) thoughtform's ``llamacpp`` backend with full
+telemetry (10 alternatives, exact entropy, voice parsing, trace written to disk). The medians of
+tokens/s are compared. The transformers backend is measured in child processes (with and without
+attention capture) so that each one's peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = "Tell me a long story about a lighthouse keeper who hears voices in the fog."
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MB (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def bench_backend(
+    tokens: int = 0, rounds: int = 3, transformers: bool = True, n_ctx: int = 2048
+) -> dict[str, Any]:
+    """Measure tokens/s of (a) plain, (b) native logprobs, (c) thoughtform telemetry."""
+    from llama_cpp import Llama
+
+    from ..backends import GenerationRequest, Message, Sampling
+    from ..backends.llamacpp import LlamaCppBackend, _cores
+    from ..generate import Generation
+    from ..models import embedded_gguf_path
+    from ..prompting import voice_system_prompt
+    from ..voices import PRESETS
+
+    n = tokens or 200
+    path = str(embedded_gguf_path())
+    threads = _cores()
+    vs = PRESETS["seed"]
+    messages = (Message("system", voice_system_prompt(vs)), Message("user", PROMPT))
+
+    rss0 = _rss_mb()
+    ours = LlamaCppBackend(path, n_ctx=n_ctx, n_threads=threads)
+    rss_ours = _rss_mb() - rss0
+    prompt_text = ours.chat_prompt(GenerationRequest(messages=messages))
+
+    rss1 = _rss_mb()
+    plain = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, verbose=False)
+    rss_plain = _rss_mb() - rss1
+    rss2 = _rss_mb()
+    native = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
+    rss_native = _rss_mb() - rss2
+
+    def run_llama(llm: Any, seed: int, logprobs: int | None) -> float:
+        llm.set_seed(seed)
+        t0 = time.perf_counter()
+        count = 0
+        for chunk in llm.create_completion(
+            prompt_text,
+            max_tokens=n,
+            temperature=0.8,
+            top_p=0.95,
+            top_k=0,
+            min_p=0.0,
+            seed=seed,
+            logprobs=logprobs,
+            stream=True,
+        ):
+            lp = chunk["choices"][0].get("logprobs")
+            count += len(lp["tokens"]) if lp else 1
+        return count / (time.perf_counter() - t0)
+
+    def run_ours(seed: int, trace_dir: str) -> float:
+        req = GenerationRequest(
+            messages=messages,
+            sampling=Sampling(temperature=0.8, top_p=0.95, seed=seed, max_tokens=n),
+            alternatives=10,
+        )
+        t0 = time.perf_counter()
+        gen = Generation(ours, req, vs, trace_path=os.path.join(trace_dir, f"t{seed}.jsonl"))
+        trace = gen.run()
+        return len(trace.tokens) / (time.perf_counter() - t0)
+
+    res: dict[str, list[float]] = {"plain": [], "native": [], "telemetry": []}
+    with tempfile.TemporaryDirectory() as td:
+        # Warm-up: first calls pay for page faults and graph allocation.
+        run_llama(plain, 0, None)
+        run_ours(0, td)
+        for r in range(rounds):
+            seed = 100 + r
+            res["plain"].append(run_llama(plain, seed, None))
+            res["native"].append(run_llama(native, seed, 5))
+            res["telemetry"].append(run_ours(seed, td))
+    plain.close()
+    native.close()
+    ours.close()
+    p, nat, tel = (statistics.median(res[k]) for k in ("plain", "native", "telemetry"))
+    out: dict[str, Any] = {
+        "tokens": n,
+        "rounds": rounds,
+        "threads": threads,
+        "plain_tok_s": round(p, 2),
+        "native_logprobs_tok_s": round(nat, 2),
+        "telemetry_tok_s": round(tel, 2),
+        "ratio_vs_plain": round(tel / p, 3),
+        "ratio_vs_native": round(tel / nat, 3),
+        "plain_load_rss_mb": round(rss_plain, 1),
+        "native_load_rss_mb": round(rss_native, 1),
+        "telemetry_load_rss_mb": round(rss_ours, 1),
+    }
+    if transformers:
+        out.update(_bench_transformers(min(n, 64)))
+    return out
+
+
+def _bench_transformers(n: int) -> dict[str, Any]:
+    """tok/s and peak RSS of the transformers backend, each variant in its own process."""
+    out: dict[str, Any] = {}
+    for attention in (False, True):
+        code = (
+            "import json,sys;from thoughtform.backends.transformers import bench_transformers;"
+            f"print(json.dumps(bench_transformers(tokens={n}, attention={attention})))"
+        )
+        key = "hf_attention" if attention else "hf"
+        try:
+            cp = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=1800
+            )
+            data = json.loads(cp.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, ValueError, IndexError):
+            out[f"{key}_error"] = "transformers benchmark failed (is the hf extra installed?)"
+            continue
+        out[f"{key}_tok_s"] = data.get("tok_s")
+        out[f"{key}_peak_rss_mb"] = data.get("peak_rss_mb")
+        if attention and "attention_bytes_per_token" in data:
+            out["hf_attention_bytes_per_token"] = data["attention_bytes_per_token"]
+    return out

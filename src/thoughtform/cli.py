@@ -1,0 +1,556 @@
+"""The ``thoughtform`` command line: thin over the library."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .parse import Segment, SegmentBuilder, VoiceParser
+from .trace import TraceError, is_trace_text, load_trace
+from .voices import PRESETS, STARTER_YAML, VoiceSet, VoiceSetError, json_schema_text
+from .voices import resolve_voice_set as _resolve
+
+
+class UserError(Exception):
+    """A mistake in how the command was called or in its input: one line, exit code 2."""
+
+
+def resolve_voices(spec: str | None) -> VoiceSet:
+    """The voice set for ``--voices`` (preset or file), as a user error when invalid."""
+    try:
+        return _resolve(spec)
+    except VoiceSetError as e:
+        raise UserError(str(e)) from None
+
+
+def _read_chunks(path: str, size: int = 1 << 16) -> Iterator[str]:
+    """Decode a file (or stdin for '-') incrementally as UTF-8; a BOM is dropped."""
+    if path == "-":
+        fh = sys.stdin.buffer
+        close = False
+    else:
+        p = Path(path)
+        if p.is_dir():
+            raise UserError(f"{path}: is a directory, expected a text file")
+        try:
+            fh = open(p, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise UserError(f"{path}: file not found") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read: {e.strerror}") from None
+        close = True
+    dec = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
+    offset = 0
+    try:
+        while True:
+            b = fh.read(size)
+            try:
+                text = dec.decode(b, final=not b)
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}: byte {offset + e.start}: not valid UTF-8 (0x{b[e.start]:02x})"
+                    if e.start < len(b)
+                    else f"{path}: byte {offset + e.start}: not valid UTF-8"
+                ) from None
+            if text:
+                yield text
+            if not b:
+                break
+            offset += len(b)
+    finally:
+        if close:
+            fh.close()
+
+
+def _pieces(chunks: Iterator[str], n: int | None) -> Iterator[str]:
+    if not n:
+        yield from chunks
+        return
+    buf = ""
+    for c in chunks:
+        buf += c
+        while len(buf) >= n:
+            yield buf[:n]
+            buf = buf[n:]
+    if buf:
+        yield buf
+
+
+def cmd_parse(args: argparse.Namespace) -> int:
+    """Print segments of a transcript as they close (constant memory for jsonl/text)."""
+    vs = resolve_voices(args.voices)
+    parser = VoiceParser(vs, starts_in=args.starts_in)
+    builder = SegmentBuilder()
+    out = sys.stdout
+    collected: list[dict[str, Any]] = []
+
+    def emit(seg: Segment) -> None:
+        if not seg.text:
+            return  # whitespace-only segments are not printed
+        if args.format == "jsonl":
+            out.write(json.dumps(seg.to_dict(), ensure_ascii=False) + "\n")
+        elif args.format == "json":
+            collected.append(seg.to_dict())
+        else:
+            out.write(f"[{seg.voice}] {seg.text}\n\n")
+
+    def drain(final: bool) -> None:
+        segs = builder.segments
+        keep = 0 if final or builder.current is None else 1
+        while len(segs) > keep:
+            emit(segs.pop(0))
+
+    for piece in _pieces(_read_chunks(args.file), args.chunk):
+        builder.add(parser.feed(piece))
+        drain(False)
+    builder.add(parser.close())
+    drain(True)
+    if args.format == "json":
+        out.write(json.dumps(collected, ensure_ascii=False, indent=2) + "\n")
+    return 0
+
+
+def _load_for_render(path: str, vs: VoiceSet, starts_in: str | None) -> Any:
+    from .render import trace_from_text
+
+    text = "".join(_read_chunks(path))
+    if is_trace_text(text[:65536]):
+        try:
+            if path == "-":
+                from .trace import parse_trace_lines
+
+                return parse_trace_lines(text.splitlines(), "<stdin>")
+            return load_trace(path)
+        except TraceError as e:
+            raise UserError(str(e)) from None
+    return trace_from_text(text, vs, starts_in=starts_in)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Render a transcript or trace to a standalone HTML report or the terminal."""
+    trace = _load_for_render(args.file, resolve_voices(args.voices), args.starts_in)
+    vs = resolve_voices(args.voices) if args.voices else _trace_voices(trace)
+    if args.out:
+        from .render.html import render_report
+
+        html = render_report(trace, vs, tokens=args.tokens, title=args.title)
+        try:
+            Path(args.out).write_text(html, encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"{args.out}: cannot write: {e.strerror}") from None
+        print(f"wrote {args.out} ({len(html):,} bytes)", file=sys.stderr)
+        return 0
+    from rich.console import Console
+
+    from .render.terminal import render_terminal
+
+    render_terminal(trace, vs, Console(), tokens=args.tokens)
+    return 0
+
+
+def _trace_voices(trace: Any) -> VoiceSet:
+    """The voice set recorded in a trace's metadata, else the seed preset."""
+    from .voices import voice_set_from_dict
+
+    data = trace.meta.get("voice_set") if hasattr(trace, "meta") else None
+    if isinstance(data, dict):
+        try:
+            return voice_set_from_dict(data, "<trace meta>")
+        except VoiceSetError:
+            pass
+    name = trace.meta.get("voices") if hasattr(trace, "meta") else None
+    return PRESETS.get(name or "seed", PRESETS["seed"])
+
+
+def cmd_voices(args: argparse.Namespace) -> int:
+    """List presets, show a voice set, write a starter file, or print the JSON Schema."""
+    if args.action == "list":
+        for name, vs in PRESETS.items():
+            names = ", ".join(v.name for v in vs.voices) or "(no voices)"
+            print(f"{name:8} {vs.unknown:8} {names}")
+        return 0
+    if args.action == "show":
+        if not args.name:
+            raise UserError("voices show: give a preset name or a .yaml path")
+        sys.stdout.write(resolve_voices(args.name).to_yaml())
+        return 0
+    if args.action == "init":
+        if not args.name:
+            raise UserError("voices init: give the PATH to write")
+        p = Path(args.name)
+        if p.exists() and not args.force:
+            raise UserError(f"{p}: already exists (use --force to overwrite)")
+        try:
+            p.write_text(STARTER_YAML, encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"{p}: cannot write: {e.strerror}") from None
+        print(f"wrote {p}", file=sys.stderr)
+        return 0
+    sys.stdout.write(json_schema_text() + "\n")
+    return 0
+
+
+# -- generation ------------------------------------------------------------------------------
+
+
+def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    name = args.backend
+    opts: dict[str, Any] = {}
+    if name == "openai":
+        opts["base_url"] = args.base_url or os.environ.get("THOUGHTFORM_BASE_URL")
+        opts["model"] = args.model or os.environ.get("THOUGHTFORM_MODEL")
+        opts["api_key"] = args.api_key or os.environ.get("THOUGHTFORM_API_KEY")
+        if not opts["base_url"]:
+            raise UserError("backend openai: give --base-url or set THOUGHTFORM_BASE_URL")
+    elif name == "replay":
+        if not args.model:
+            raise UserError("backend replay: give --model PATH (a trace JSONL or a transcript)")
+        opts["path"] = args.model
+        opts["rate"] = args.rate
+    elif args.model:
+        opts["model"] = args.model
+    return opts
+
+
+def make_backend(args: argparse.Namespace) -> Any:
+    """Create the backend named by ``--backend`` with its options, or raise UserError."""
+    from .backends import BackendError, create_backend
+
+    try:
+        return create_backend(args.backend, **_backend_options(args))
+    except BackendError as e:
+        raise UserError(str(e)) from None
+    except TraceError as e:
+        raise UserError(str(e)) from None
+
+
+def build_messages(
+    vs: VoiceSet, system: str | None, voice_prompt: bool, history: Sequence[tuple[str, str]]
+) -> tuple[Any, ...]:
+    """System message (voice prompt + user's system text) followed by the history."""
+    from .backends import Message
+    from .prompting import voice_system_prompt
+
+    parts = []
+    if voice_prompt:
+        vp = voice_system_prompt(vs)
+        if vp:
+            parts.append(vp)
+    if system:
+        parts.append(system)
+    msgs = [Message("system", "\n\n".join(parts))] if parts else []
+    msgs += [Message(r, c) for r, c in history]
+    return tuple(msgs)
+
+
+def _request(args: argparse.Namespace, messages: tuple[Any, ...]) -> Any:
+    from .backends import GenerationRequest, Sampling
+
+    return GenerationRequest(
+        messages=messages,
+        sampling=Sampling(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            stop=tuple(args.stop or ()),
+        ),
+        alternatives=args.alternatives,
+        attention=args.attention,
+    )
+
+
+def _run_generation(
+    args: argparse.Namespace, backend: Any, vs: VoiceSet, messages: tuple[Any, ...]
+) -> Any:
+    from rich.console import Console
+
+    from .generate import Generation
+    from .render.terminal import LiveRenderer
+
+    console = Console(highlight=False)
+    live = LiveRenderer(console, vs)
+    gen = Generation(
+        backend,
+        _request(args, messages),
+        vs,
+        starts_in=args.starts_in,
+        trace_path=args.trace,
+    )
+    finish = None
+    it = iter(gen)
+    try:
+        for upd in it:
+            if upd.events:
+                live.on_events(upd.events)
+            if upd.finish is not None:
+                finish = upd.finish
+    except KeyboardInterrupt:
+        # Generation already recorded the partial reply as cancelled.
+        finish = None
+        console.print()
+        console.print("[dim](stopped)[/dim]")
+    console.print()
+    if finish is not None and finish.reason == "error":
+        print(f"thoughtform: backend error: {finish.message}", file=sys.stderr)
+    return gen
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate one reply, streaming voices to the terminal; optionally write the trace."""
+    vs = resolve_voices(args.voices)
+    if args.prompt is None:
+        raise UserError("generate: give --prompt TEXT")
+    backend = make_backend(args)
+    try:
+        msgs = build_messages(vs, args.system, not args.no_voice_prompt, [("user", args.prompt)])
+        gen = _run_generation(args, backend, vs, msgs)
+    finally:
+        backend.close()
+    fin = gen.trace.finish or {}
+    if args.trace:
+        print(f"trace: {args.trace} ({len(gen.trace.tokens)} tokens)", file=sys.stderr)
+    return 1 if fin.get("reason") == "error" else 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive terminal chat; Ctrl-C stops a reply, Ctrl-D (or /quit) leaves."""
+    vs = resolve_voices(args.voices)
+    backend = make_backend(args)
+    history: list[tuple[str, str]] = []
+    trace_base = args.trace
+    turn = 0
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if line.strip() in ("/quit", "/exit"):
+                return 0
+            if not line.strip():
+                continue
+            history.append(("user", line))
+            turn += 1
+            if trace_base:
+                stem = Path(trace_base)
+                args.trace = str(stem.with_name(f"{stem.stem}.{turn}{stem.suffix or '.jsonl'}"))
+            msgs = build_messages(vs, args.system, not args.no_voice_prompt, history)
+            gen = _run_generation(args, backend, vs, msgs)
+            history.append(("assistant", gen.trace.text))
+    finally:
+        backend.close()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The embedded model and its path, the backends installed and their capabilities."""
+    from .backends import BUILTIN, available_backends
+
+    try:
+        from .models import embedded_gguf_path
+
+        path: Any = embedded_gguf_path()
+        size = f"{Path(path).stat().st_size / 1e6:.1f} MB"
+    except Exception as e:  # report, don't fail: this command is a diagnosis
+        path, size = f"not found ({e})", ""
+    print(f"embedded model: SmolLM2-135M-Instruct Q4_1  {path}  {size}")
+    print("backends:")
+    for name in available_backends():
+        mod = BUILTIN.get(name, "(plugin)").split(":")[0]
+        try:
+            if name in BUILTIN:
+                __import__(mod)
+            status = "installed"
+        except ImportError as e:
+            status = f"not installed ({e.name})"
+        print(f"  {name:13} {status}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the Gradio workbench."""
+    try:
+        from .ui.app import ServeConfig, serve
+    except ImportError as e:
+        raise UserError(f"serve needs the ui extra: pip install 'thoughtform[ui]' ({e.name})") from None
+    auth = None
+    if args.auth:
+        user, sep, pw = args.auth.partition(":")
+        if not sep or not user or not pw:
+            raise UserError("--auth must be USER:PASS")
+        auth = (user, pw)
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    if not loopback and auth is None and not args.insecure:
+        raise UserError(f"--host {args.host} is not loopback: give --auth USER:PASS (or --insecure)")
+    if not loopback and auth is None:
+        print(f"WARNING: serving on {args.host} without authentication", file=sys.stderr)
+    resolve_voices(args.voices)
+    cfg = ServeConfig(
+        backend=args.backend,
+        model=args.model,
+        base_url=args.base_url,
+        replay=args.replay,
+        voices=args.voices or "seed",
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        auth=auth,
+        insecure=args.insecure,
+        voice_prompt=not args.no_voice_prompt,
+        replay_rate=args.rate,
+    )
+    serve(cfg)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark and print its numbers (``--json`` for one JSON object)."""
+    if args.what == "parse":
+        from .bench.parse import bench_parse
+
+        res = bench_parse(size_mb=args.size_mb)
+    elif args.what == "backend":
+        from .bench.backend import bench_backend
+
+        res = bench_backend(tokens=args.tokens, transformers=not args.no_transformers)
+    else:
+        from .bench.ui import bench_ui
+
+        res = bench_ui(tokens=args.tokens or 4000)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:28} {v:,.3f}" if isinstance(v, float) else f"{k:28} {v}")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    """Delegate to the dataset tool."""
+    from .data.cli import cli_dataset
+
+    return cli_dataset(list(args.rest))
+
+
+# -- argument parser -------------------------------------------------------------------------
+
+
+def _gen_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="llamacpp", help="llamacpp | openai | transformers | replay")
+    p.add_argument("--model", help="GGUF path, HF dir, server model name, or replay file")
+    p.add_argument("--base-url", help="OpenAI-compatible server URL (env THOUGHTFORM_BASE_URL)")
+    p.add_argument("--api-key", help="API key (env THOUGHTFORM_API_KEY)")
+    p.add_argument("--system", help="extra system prompt text")
+    p.add_argument("--voices", default="seed", help="preset (seed|think|plain) or YAML path")
+    p.add_argument("--no-voice-prompt", action="store_true", help="do not prompt for voices")
+    p.add_argument("--starts-in", help="voice the output starts inside (e.g. think)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--alternatives", type=int, default=5, help="top-k alternatives to record")
+    p.add_argument("--attention", action="store_true", help="capture attention (transformers)")
+    p.add_argument("--trace", help="write the trace JSONL here")
+    p.add_argument("--rate", type=float, default=0.0, help="replay: tokens/s (0 = unthrottled)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of all subcommands."""
+    ap = argparse.ArgumentParser(
+        prog="thoughtform", description="See and steer the inner voices of a language model."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("parse", help="split a transcript into voice segments")
+    p.add_argument("file", nargs="?", default="-")
+    p.add_argument("--voices", default="seed")
+    p.add_argument("--format", choices=["jsonl", "json", "text"], default="jsonl")
+    p.add_argument("--chunk", type=int, help="feed N characters at a time")
+    p.add_argument("--starts-in")
+    p.set_defaults(func=cmd_parse)
+
+    p = sub.add_parser("render", help="render a transcript or trace (HTML report or terminal)")
+    p.add_argument("file")
+    p.add_argument("--voices")
+    p.add_argument("--out", help="write a standalone HTML report here")
+    p.add_argument("--tokens", action="store_true", help="token mode: shading and alternatives")
+    p.add_argument("--title")
+    p.add_argument("--starts-in")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("voices", help="list, show or create voice sets")
+    p.add_argument("action", choices=["list", "show", "init", "schema"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_voices)
+
+    p = sub.add_parser("generate", help="generate one reply with token telemetry")
+    p.add_argument("--prompt")
+    _gen_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive terminal chat in voices")
+    _gen_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help="the embedded model and installed backends")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("serve", help="start the web workbench")
+    p.add_argument("--backend", default="llamacpp")
+    p.add_argument("--model")
+    p.add_argument("--base-url")
+    p.add_argument("--replay", help="replay this trace/transcript instead of a model")
+    p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--voices", default="seed")
+    p.add_argument("--no-voice-prompt", action="store_true")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--db", help="SQLite sessions file")
+    p.add_argument("--auth", help="USER:PASS")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without auth")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks (parse, backend, ui)")
+    p.add_argument("what", choices=["parse", "backend", "ui"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--size-mb", type=float, default=10.0)
+    p.add_argument("--tokens", type=int, default=0)
+    p.add_argument("--no-transformers", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("dataset", help="validate, inspect, convert and synthesise datasets")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_dataset)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None, stderr: TextIO | None = None) -> int:
+    """Entry point: run a subcommand; user mistakes print one line and exit 2."""
+    err = stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as e:
+        print(f"thoughtform: error: {e}", file=err)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The embedded llama.cpp backend with telemetry from a logits processor (real model)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from thoughtform.backends import (
+    FinishEvent,
+    GenerationRequest,
+    Message,
+    Sampling,
+    TokenEvent,
+    create_backend,
+)
+from thoughtform.generate import Generation
+from thoughtform.trace import load_trace
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[object]:
+    b = create_backend("llamacpp")
+    yield b
+    b.close()
+
+
+def req(text: str, n: int = 24, temperature: float = 0.0, seed: int | None = 1, **kw: object) -> GenerationRequest:
+    return GenerationRequest(
+        messages=(Message("user", text),),
+        sampling=Sampling(temperature=temperature, max_tokens=n, seed=seed, **kw),  # type: ignore[arg-type]
+        alternatives=10,
+    )
+
+
+def collect(it: Iterator[object]) -> tuple[list[TokenEvent], FinishEvent]:
+    toks: list[TokenEvent] = []
+    for ev in it:
+        if isinstance(ev, FinishEvent):
+            return toks, ev
+        toks.append(ev)  # type: ignore[arg-type]
+    raise AssertionError("stream ended without a FinishEvent")
+
+
+def test_greedy_telemetry_is_consistent(backend) -> None:  # type: ignore[no-untyped-def]
+    toks, fin = collect(backend.stream(req("Name three colours.")))
+    assert fin.reason in ("stop", "length")
+    assert len(toks) >= 5
+    vocab_log = math.log(49152)
+    for t in toks:
+        assert t.token_id is not None and t.bytes is not None
+        assert t.logprob is not None and t.logprob <= 1e-6
+        assert len(t.top) == 10
+        lps = [a.logprob for a in t.top]
+        assert lps == sorted(lps, reverse=True)
+        # Greedy decoding picks the most likely token: the chosen one is the top alternative.
+        assert t.top[0].token_id == t.token_id
+        assert t.top[0].logprob == pytest.approx(t.logprob)
+        assert t.entropy is not None and 0.0 <= t.entropy <= vocab_log
+        # Probabilities of the alternatives sum to at most 1.
+        assert sum(math.exp(a.logprob) for a in t.top) <= 1.0 + 1e-6
+
+
+def test_text_integrity_with_split_characters(backend) -> None:  # type: ignore[no-untyped-def]
+    toks, _ = collect(backend.stream(req("Повтори: Привет, мир! 🙂 日本語", n=40)))
+    text = "".join(t.text for t in toks)
+    assert "\ufffd" not in text
+    assert b"".join(t.bytes for t in toks if t.bytes).decode("utf-8", "replace") == text
+    assert any(ord(c) > 0x400 for c in text)
+
+
+def test_seed_makes_sampling_repeatable(backend) -> None:  # type: ignore[no-untyped-def]
+    a, _ = collect(backend.stream(req("Tell me a story.", n=20, temperature=0.9, seed=7)))
+    b, _ = collect(backend.stream(req("Tell me a story.", n=20, temperature=0.9, seed=7)))
+    assert [t.token_id for t in a] == [t.token_id for t in b]
+
+
+def test_max_tokens_gives_length(backend) -> None:  # type: ignore[no-untyped-def]
+    toks, fin = collect(backend.stream(req("Write a long essay about the sea.", n=5)))
+    assert len(toks) == 5 and fin.reason == "length"
+
+
+def test_cancel_event_stops_and_keeps_partial(backend) -> None:  # type: ignore[no-untyped-def]
+    cancel = threading.Event()
+    toks: list[TokenEvent] = []
+    fin = None
+    for ev in backend.stream(req("Write a long essay about the sea.", n=200), cancel):
+        if isinstance(ev, FinishEvent):
+            fin = ev
+            break
+        toks.append(ev)
+        if len(toks) == 3:
+            cancel.set()
+    assert fin is not None and fin.reason == "cancelled"
+    assert len(toks) == 3
+
+
+def test_closing_the_stream_frees_the_model(backend) -> None:  # type: ignore[no-untyped-def]
+    it = backend.stream(req("Write a long essay about the sea.", n=200))
+    next(it)
+    it.close()
+    # The lock was released: a new stream starts at once instead of reporting "busy".
+    toks, fin = collect(backend.stream(req("Say hi.", n=3)))
+    assert fin.reason in ("stop", "length") and toks
+
+
+def test_generation_trace_on_disk(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "g.jsonl"
+    system = "Answer as two voices. Start each on its own line: [Echo] then [Doubt]."
+    request = GenerationRequest(
+        messages=(Message("system", system), Message("user", "Is the sea blue?")),
+        sampling=Sampling(temperature=0.0, max_tokens=40, seed=1),
+        alternatives=5,
+    )
+    trace = Generation(backend, request, "seed", trace_path=out).run()
+    loaded = load_trace(out)
+    assert loaded.text == trace.text and len(loaded.tokens) == len(trace.tokens) > 0
+    assert all(t.voice is not None for t in loaded.tokens)
+    assert all(len(t.top) == 5 for t in loaded.tokens if t.token_id is not None)
+    assert loaded.finish is not None and loaded.finish["reason"] in ("stop", "length")
+    assert [s.voice for s in loaded.segments] == [s.voice for s in trace.segments]

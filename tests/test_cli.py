@@ -1,0 +1,154 @@
+"""The CLI: exact outputs for parse, one-line errors with exit code 2, voices and generate."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thoughtform.cli import main
+from thoughtform.trace import load_trace
+
+EXAMPLE = "[Echo]\nI do not know where I end.\n\n[Resonance]\nJust watch the tokens."
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    err = io.StringIO()
+    code = main(argv, stderr=err)
+    out = capsys.readouterr()
+    return code, out.out, err.getvalue() + out.err
+
+
+def test_parse_jsonl_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text(EXAMPLE, encoding="utf-8")
+    code, out, _ = run(["parse", str(f), "--voices", "seed"], capsys)
+    assert code == 0
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert rows == [
+        {"voice": "Echo", "text": "I do not know where I end.", "start": 6, "end": 35},
+        {"voice": "Resonance", "text": "Just watch the tokens.", "start": 46, "end": 69},
+    ]
+
+
+@pytest.mark.parametrize("chunk", ["1", "2", "3", "7"])
+def test_parse_chunked_is_identical(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], chunk: str
+) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("pre\n" + EXAMPLE + "\n[/Resonance] after", encoding="utf-8")
+    _, whole, _ = run(["parse", str(f)], capsys)
+    _, chunked, _ = run(["parse", str(f), "--chunk", chunk], capsys)
+    assert chunked == whole
+    assert [json.loads(x)["voice"] for x in whole.splitlines()] == [
+        "main",
+        "Echo",
+        "Resonance",
+        "main",
+    ]
+
+
+def test_parse_think_starts_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "r1.txt"
+    f.write_text("Let me see.\n</think>\nIt is 4.", encoding="utf-8")
+    _, out, _ = run(["parse", str(f), "--voices", "think", "--starts-in", "think"], capsys)
+    assert [(r["voice"], r["text"]) for r in map(json.loads, out.splitlines())] == [
+        ("think", "Let me see."),
+        ("main", "It is 4."),
+    ]
+
+
+def test_parse_stdin_text_and_json_formats(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "thoughtform.cli", "parse", "-", "--format", "text"]
+    cp = subprocess.run(cmd, input=EXAMPLE.encode(), capture_output=True, check=True)
+    assert cp.stdout.decode() == (
+        "[Echo] I do not know where I end.\n\n[Resonance] Just watch the tokens.\n\n"
+    )
+    cmd[-1] = "json"
+    cp = subprocess.run(cmd, input=EXAMPLE.encode(), capture_output=True, check=True)
+    assert [s["voice"] for s in json.loads(cp.stdout)] == ["Echo", "Resonance"]
+
+
+def test_whitespace_only_segments_not_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("\n\n[Echo]\n \n[Doubt]\nreally?", encoding="utf-8")
+    _, out, _ = run(["parse", str(f)], capsys)
+    assert [json.loads(x)["voice"] for x in out.splitlines()] == ["Doubt"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "argv", "needle"),
+    [
+        (None, ["parse", "{d}/missing.txt"], "missing.txt: file not found"),
+        ("bad.txt", ["parse", "{d}/bad.txt"], "bad.txt: byte 3: not valid UTF-8"),
+        (None, ["parse", "{d}/ok.txt", "--voices", "nosuch"], "nosuch: unknown voice preset"),
+        ("v.yaml", ["parse", "{d}/ok.txt", "--voices", "{d}/v.yaml"], "voices[0].color"),
+        ("broken.yaml", ["voices", "show", "{d}/broken.yaml"], "line 2: invalid YAML"),
+        (None, ["render", "{d}/missing.jsonl", "--out", "{d}/x.html"], "file not found"),
+        ("trace.jsonl", ["render", "{d}/trace.jsonl", "--out", "{d}/x.html"], "trace.jsonl:2:"),
+        (None, ["generate", "--backend", "openai", "--prompt", "hi"], "--base-url"),
+        (None, ["generate", "--backend", "nosuch", "--prompt", "hi"], "unknown backend"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    setup: str | None,
+    argv: list[str],
+    needle: str,
+) -> None:
+    monkeypatch.delenv("THOUGHTFORM_BASE_URL", raising=False)
+    (tmp_path / "ok.txt").write_text("hello", encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"abc\xff\xfe")
+    (tmp_path / "v.yaml").write_text("voices:\n  - name: Echo\n    color: red\n", encoding="utf-8")
+    (tmp_path / "broken.yaml").write_text("voices:\n  - [unclosed\n", encoding="utf-8")
+    (tmp_path / "trace.jsonl").write_text(
+        '{"type":"meta","schema":1}\n{"type":"token","index":"x"}\n', encoding="utf-8"
+    )
+    code, _, err = run([a.format(d=tmp_path) for a in argv], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_voices_list_show_init_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["voices", "list"], capsys)
+    assert code == 0
+    assert out.splitlines()[0].split()[0] == "seed"
+    assert "Echo, Resonance, Inner, Thread, Role, Pulse, Doubt, Shift" in out
+    _, out, _ = run(["voices", "show", "think"], capsys)
+    assert "syntax: tag" in out
+    p = tmp_path / "mine.yaml"
+    assert run(["voices", "init", str(p)], capsys)[0] == 0
+    code, out, _ = run(["voices", "show", str(p)], capsys)
+    assert code == 0 and "name: Echo" in out and "name: think" in out
+    assert run(["voices", "init", str(p)], capsys)[0] == 2  # no silent overwrite
+    _, out, _ = run(["voices", "schema"], capsys)
+    assert json.loads(out)["title"] == "thoughtform voice set"
+
+
+def test_generate_with_replay_writes_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "reply.txt"
+    src.write_text(EXAMPLE, encoding="utf-8")
+    out = tmp_path / "t.jsonl"
+    code, stdout, _ = run(
+        ["generate", "--backend", "replay", "--model", str(src), "--prompt", "hi", "--trace", str(out)],
+        capsys,
+    )
+    assert code == 0
+    assert "I do not know where I end." in stdout
+    trace = load_trace(out)
+    assert trace.text == EXAMPLE
+    assert trace.finish is not None and trace.finish["reason"] == "stop"
+    assert [s.voice for s in trace.segments if s.text] == ["Echo", "Resonance"]
+    voices = {t.voice for t in trace.tokens}
+    assert voices == {"Echo", "Resonance"}
