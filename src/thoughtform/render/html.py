@@ -262,7 +262,9 @@ def render_report(
         "img-src 'none'; font-src 'none'; connect-src 'none'; media-src 'none'; "
         "object-src 'none'; frame-src 'none'; base-uri 'none'; form-action 'none'"
     )
-    facts = "".join(f"<li><b>{_esc(k)}</b> {_esc(v)}</li>" for k, v in meta_line(trace))
+    facts = "".join(
+        f'<li><span class="tf-fk">{_esc(k)}</span> {_esc(v)}</li>' for k, v in meta_line(trace)
+    )
     parts = [
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n',
