@@ -207,6 +207,44 @@ def test_terminal_prints_model_text_literally() -> None:
     assert "⟨U+001B⟩[2J⟨U+001B⟩]0;pwned⟨U+0007⟩ ⟨U+202E⟩abc⟨U+009B⟩31m" in plain
 
 
+def test_terminal_tokens_golden() -> None:
+    tr = token_trace(PIECES)
+    con = Console(record=True, width=80, color_system="truecolor", file=io.StringIO())
+    render_terminal(tr, "seed", con, tokens=True)
+    text = con.export_text(clear=False)
+    assert text == (
+        "[main]\nHi there.\n\n[Echo] ◎\n[Echo] there, there.\n\n"
+        "[Doubt] ?\n[Doubt]: sure?\n[/Doubt]\n\n[Echo] ◎\n[Echo] again\nok\n"
+    )
+    golden("terminal_tokens.ansi", con.export_text(styles=True))
+
+
+def test_terminal_hostile_voice_names() -> None:
+    tr = token_trace(["a", " b"])
+    names = ["[bold red]x[/]", "N" * 10_000]
+    tr.tokens[0].voice, tr.tokens[1].voice = names
+    con = Console(record=True, width=100, color_system="truecolor", file=io.StringIO())
+    render_terminal(tr, "seed", con, tokens=True)
+    assert con.export_text() == "[[bold red]x[/]]\na\n\n[" + "N" * 79 + "…]\n b\n"
+
+
+def test_empty_and_damaged_traces_render() -> None:
+    empty = Trace()
+    assert '<ul class="tf-legend"></ul>' in render_report(empty, tokens=True)
+    assert "<details" not in render_fragment(empty)
+    damaged = Trace(meta={"voice_set": {"voices": [{"name": 5}]}, "voices": "think"})
+    damaged.source_text = "<think>hm</think>ok"
+    assert [
+        a["data-voice"] for t, a in parse_html(render_fragment(damaged)).elements if t == "details"
+    ] == [
+        "think",
+        "main",
+    ]
+    con = Console(record=True, width=80, file=io.StringIO())
+    render_terminal(empty, None, con, tokens=True)
+    assert con.export_text() == ""
+
+
 def _live(text: str, chunk: int) -> str:
     con = Console(record=True, width=80, color_system="truecolor", file=io.StringIO())
     live = LiveRenderer(con, "seed")

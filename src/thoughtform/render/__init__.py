@@ -105,7 +105,7 @@ def trace_voices(trace: Trace, voices: VoiceSet | str | None = None) -> VoiceSet
     if isinstance(saved, dict):
         try:
             return voice_set_from_dict(saved, "<trace meta>")
-        except ValueError:
+        except (ValueError, TypeError, AttributeError):
             pass  # a damaged saved set must not stop the render
     name = trace.meta.get("voices")
     if isinstance(name, str) and name in PRESETS:
