@@ -90,6 +90,8 @@ class VoiceParser:
                 tags.append((f"<{key.lower()}>", v.name, False))
                 tags.append((f"</{key.lower()}>", v.name, True))
         self._tags = tags
+        self._tag_len = max((len(t[0]) for t in tags), default=0)
+        self._tag_second = frozenset(c for t in tags for c in (t[0][1], t[0][1].upper()))
         self._special = _SPECIAL if tags else _SPECIAL_NO_TAGS
         self._unknown: dict[str, str] = {}
         self._pending = ""
@@ -332,6 +334,9 @@ class VoiceParser:
         if self.voices.unknown != "lenient" or not is_valid_name(name):
             return None
         key = name.casefold()
+        if key == self._main.casefold():
+            # "[Main]" means the default voice, not a new voice that merely looks like it.
+            return self._main
         known = self._unknown.get(key)
         if known is not None:
             return known
@@ -350,15 +355,12 @@ class VoiceParser:
         elif not allow_open:
             return (_NEED if k >= n and not final else _NO), 0, "", False
         limit = self._max_name
-        p = k
-        while p < n and s[p] != "]":
-            if p - k >= limit:
+        # A name is at most ``limit`` characters, so its "]" lies within reach (C-speed search).
+        p = s.find("]", k, k + limit + 1)
+        if p < 0:
+            if final or n > k + limit:
                 return _NO, 0, "", False
-            p += 1
-        if p >= n:
-            if final:
-                return _NO, 0, "", False
-            name = s[k:p]
+            name = s[k:]
             ok = not name or (name[0].isalpha() and all(is_name_char(ch) for ch in name))
             return (_NEED if ok else _NO), 0, "", False
         name = s[k:p]
@@ -383,19 +385,21 @@ class VoiceParser:
 
     def _match_tag(self, s: str, j: int, final: bool) -> tuple[int, int, str, bool]:
         n = len(s)
+        if j + 1 < n and s[j + 1] not in self._tag_second:
+            return _NO, 0, "", False  # cheap reject: "<" followed by what starts no tag
+        chunk = s[j : j + self._tag_len]
+        if not chunk.isascii():
+            # Non-ASCII never matches an ASCII tag, and .lower() must not fold it into one
+            # (U+212A KELVIN SIGN lowers to "k"): keep only the ASCII head.
+            chunk = chunk[: next(q for q, ch in enumerate(chunk) if ord(ch) > 127)]
+        low = chunk.lower()
+        more = j + len(low) == n and not final  # the chunk runs to the end: more may come
         need = False
         for marker, voice, close in self._tags:
-            m = len(marker)
-            chunk = s[j : j + m]
-            if not chunk.isascii():
-                # Non-ASCII never matches an ASCII tag, and .lower() must not fold it into one
-                # (U+212A KELVIN SIGN lowers to "k"): keep only the ASCII head.
-                chunk = chunk[: next(q for q, ch in enumerate(chunk) if ord(ch) > 127)]
-            low = chunk.lower()
-            if len(chunk) == m:
-                if low == marker and (not close or voice == self._cur):
-                    return _MATCH, j + m, voice, close
-            elif j + len(chunk) == n and marker.startswith(low) and not final:
+            if low.startswith(marker):
+                if not close or voice == self._cur:
+                    return _MATCH, j + len(marker), voice, close
+            elif more and marker.startswith(low):
                 need = True
         return (_NEED if need else _NO), 0, "", False
 
