@@ -26,6 +26,9 @@
   }
 
   function visible(s) {
+    if (s === "") {
+      return "\u2205 empty";
+    }
     return String(s)
       .replace(INVISIBLE, function (c) {
         return "\u27e8U+" + ("000" + c.charCodeAt(0).toString(16).toUpperCase()).slice(-4) + "\u27e9";
