@@ -1,0 +1,1 @@
+"""Datasets of voiced replies: validate, normalise, convert, measure and synthesise them."""

@@ -1,0 +1,320 @@
+"""Synthetic voiced conversations: varied prompts, multi-voice replies, each voice in character.
+
+Replies are built from a compositional grammar (:mod:`.lexicon`): sentence templates x slot
+fillers x words taken from the prompt, so a model trained on them learns each voice's manner
+rather than a few memorised sentences. Deterministic for a seed; the held-out split uses topics
+(and so topic words) that never appear in the training split.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from ..parse import parse_text
+from ..voices import Voice, VoiceSet, resolve_voice_set
+from . import lexicon as L
+from .convert import dumps_example
+from .formats import render_voices
+
+Split = Literal["train", "heldout"]
+
+_SLOT = re.compile(r"\{(\^?)([a-z_0-9]+)\}")
+_PERSON = re.compile(r"\b(I'm|I've|I'd|I'll|I|me|my|mine|myself|we|us|our|ours)\b")
+_YOU = {
+    "I'm": "you're",
+    "I've": "you've",
+    "I'd": "you'd",
+    "I'll": "you'll",
+    "I": "you",
+    "me": "you",
+    "my": "your",
+    "mine": "yours",
+    "myself": "yourself",
+    "we": "you",
+    "us": "you",
+    "our": "your",
+    "ours": "yours",
+}
+# Words a quoted fragment should not start or end on: it would read as a broken-off phrase.
+_STOP = frozenset(
+    "the a an to of my and or in on at for with is it but about whether that this do be if "
+    "what why how so can i i'm i've me it's and".split()
+)
+_DOUBLE = frozenset(
+    "stop quit plan ship drop cut put run let get set sit swim begin forget admit dig skip chat "
+    "scrap cancel submit split reset".split()
+)
+_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+[\"')\]]*|$)")
+
+
+def gerund(verb_phrase: str) -> str:
+    """``sell`` -> ``selling``, ``give away`` -> ``giving away`` (first word only)."""
+    first, _, rest = verb_phrase.partition(" ")
+    if first.endswith("ie"):
+        g = first[:-2] + "ying"
+    elif first in _DOUBLE:
+        g = first + first[-1] + "ing"
+    elif first.endswith("e") and not first.endswith(("ee", "ye", "oe")) and len(first) > 2:
+        g = first[:-1] + "ing"
+    else:
+        g = first + "ing"
+    return f"{g} {rest}" if rest else g
+
+
+def to_second_person(text: str) -> str:
+    """The user's words as the assistant would say them back (``my`` -> ``your``)."""
+    return _PERSON.sub(lambda m: _YOU[m.group(0)], text)
+
+
+def _cap(s: str) -> str:
+    for i, ch in enumerate(s):
+        if ch.isalpha():
+            return s[:i] + ch.upper() + s[i + 1 :]
+        if ch not in "\"'(":
+            return s
+    return s
+
+
+def topics(split: Split) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The topics of one split (the vocabulary split between training and held-out prompts)."""
+    held = split == "heldout"
+    return [t for i, t in enumerate(L.TOPICS) if (i % L.HELDOUT_EVERY == L.HELDOUT_OFFSET) == held]
+
+
+class Grammar:
+    """Expands ``{slot}`` templates from a context and the rule table, with a seeded RNG."""
+
+    def __init__(self, rng: random.Random, rules: dict[str, tuple[str, ...]] = L.RULES) -> None:
+        self.rng = rng
+        self.rules = rules
+        self.ctx: dict[str, str] = {}
+        # Optional prompt slots each option needs: options needing absent ones are not picked.
+        self._needs = {
+            o: frozenset(k for _, k in _SLOT.findall(o) if k.startswith("p_"))
+            for opts in rules.values()
+            for o in opts
+        }
+
+    def pick(self, rule: str) -> str:
+        """One option of ``rule`` whose optional slots are all in the context."""
+        opts = [o for o in self.rules[rule] if self._needs[o] <= self.ctx.keys()]
+        return self.rng.choice(opts)
+
+    def expand(self, template: str, depth: int = 0) -> str:
+        """Fill every slot of ``template``."""
+        if depth > 8:
+            raise RecursionError("grammar rules nest too deeply")
+
+        def fill(m: re.Match[str]) -> str:
+            cap, key = m.group(1), m.group(2)
+            val = self.ctx[key] if key in self.ctx else self.expand(self.pick(key), depth + 1)
+            return _cap(val) if cap else val
+
+        return _SLOT.sub(fill, template)
+
+
+def _quote(rng: random.Random, text: str) -> str:
+    """A 3-6 word fragment of the user's words that starts and ends on content words."""
+    words = [w.strip('.,?!:;"') for w in text.split()]
+    words = [w for w in words if w]
+    spans = [
+        (i, j)
+        for i in range(len(words))
+        for j in range(i + 3, min(i + 6, len(words)) + 1)
+        if words[i].lower() not in _STOP and words[j - 1].lower() not in _STOP
+    ]
+    if not spans:
+        return " ".join(words[-4:])
+    i, j = rng.choice(spans)
+    return " ".join(words[i:j])
+
+
+@dataclass
+class _Prompt:
+    text: str
+    ctx: dict[str, str]
+
+
+def _prompt(g: Grammar, pool: list[tuple[str, str, tuple[str, ...]]]) -> _Prompt:
+    rng = g.rng
+    phrase, keyword, verbs = rng.choice(pool)
+    verb = rng.choice(verbs)
+    user = {
+        "phrase": phrase,
+        "verb": verb,
+        "verb_ing": gerund(verb),
+        "p_feeling": rng.choice(L.FEELINGS),
+        "p_person": rng.choice(L.PERSONS),
+        "p_time": rng.choice(L.TIMES),
+    }
+    core = rng.choice(L.PROMPT_CORES)
+    closer = rng.choice(L.PROMPT_CLOSERS)
+    used = {k for _, k in _SLOT.findall(core + closer)}
+    g.ctx = user
+    opener = rng.choice(L.PROMPT_OPENERS)
+    body = g.expand(core)
+    # A new sentence after the opener ("Hi. Should I...") starts upper case; "So, should I" not.
+    if not opener or opener.endswith((". ", "? ")):
+        body = _cap(body)
+    text = _cap(opener + body + g.expand(closer))
+    ctx = {
+        "phrase": to_second_person(phrase),
+        "keyword": keyword,
+        "verb": verb,
+        "verb_ing": gerund(verb),
+        "quote": _quote(rng, body),
+        # One person and feeling per conversation, so the voices agree with each other.
+        "person": user["p_person"],
+        "feeling": user["p_feeling"],
+    }
+    for k in ("p_feeling", "p_person", "p_time"):
+        if k in used:
+            ctx[k] = user[k]
+    return _Prompt(text, ctx)
+
+
+def _manner(v: Voice) -> tuple[str, tuple[int, ...]]:
+    return L.VOICE_RULES.get(v.name.casefold(), L.GENERIC_RULE)
+
+
+def _voice_text(g: Grammar, v: Voice) -> str:
+    rule, lengths = _manner(v)
+    k = g.rng.choice(lengths)
+    out: list[str] = []
+    for _ in range(k):
+        for _try in range(4):
+            s = _cap(g.expand("{" + rule + "}"))
+            if s not in out:
+                break
+        if s not in out:
+            out.append(s)
+    return " ".join(out)
+
+
+def _order(rng: random.Random, voices: list[Voice]) -> list[Voice]:
+    """2-5 distinct voices in a varied order, sometimes with one coming back at the end."""
+    k = rng.choices((2, 3, 4, 5), weights=(35, 35, 20, 10))[0]
+    chosen = rng.sample(voices, min(k, len(voices)))
+    names = [v.name.casefold() for v in chosen]
+    # Mild habits, not rules: Echo likes to open, Thread likes to close.
+    if "echo" in names and rng.random() < 0.5:
+        chosen.insert(0, chosen.pop(names.index("echo")))
+    names = [v.name.casefold() for v in chosen]
+    if "thread" in names and rng.random() < 0.4:
+        chosen.append(chosen.pop(names.index("thread")))
+    if len(chosen) >= 3 and rng.random() < 0.12:
+        chosen.append(chosen[0])
+    return chosen
+
+
+def system_prompt(vs: VoiceSet) -> str:
+    """A system message that tells a model which voices it speaks in and how to mark them."""
+    lines = ["You answer in inner voices. Start each voice on its own line with its marker."]
+    for v in sorted(vs.voices, key=lambda v: v.lane):
+        desc = v.description or f"{v.name} speaks."
+        lines.append(f"{v.open_marker} {desc}")
+    return "\n".join(lines)
+
+
+def synth(
+    voices: VoiceSet | str | None = "seed",
+    n: int = 2000,
+    seed: int = 0,
+    split: Split = "train",
+    system: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """``n`` synthetic examples ``{"messages": [...]}`` in voices; the same seed gives the same data."""
+    vs = resolve_voice_set(voices)
+    pool = list(vs.voices)
+    if len(pool) < 2:
+        raise ValueError(
+            f"synth needs a voice set with at least 2 voices ({vs.name!r} has {len(pool)})"
+        )
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    names = ",".join(v.name for v in pool)
+    rng = random.Random(f"thoughtform-synth:{seed}:{split}:{names}")
+    g = Grammar(rng)
+    topic_pool = topics(split)
+    sys_text = system_prompt(vs) if system else None
+    for _ in range(n):
+        p = _prompt(g, topic_pool)
+        g.ctx = p.ctx
+        parts = [(v.name, _voice_text(g, v)) for v in _order(rng, pool)]
+        msgs = [{"role": "system", "content": sys_text}] if sys_text else []
+        msgs.append({"role": "user", "content": p.text})
+        msgs.append({"role": "assistant", "content": render_voices(parts, vs)})
+        yield {"messages": msgs}
+
+
+def heldout_path(out: str | Path) -> Path:
+    """``data.jsonl`` -> ``data.heldout.jsonl``."""
+    p = Path(out)
+    return p.with_name((p.stem if p.suffix else p.name) + ".heldout.jsonl")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text (ends at . ! ? or a line break), stripped."""
+    return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+
+
+def sentence_diversity(
+    examples: Iterable[dict[str, Any]], voices: VoiceSet | str | None = "seed", top: int = 5
+) -> dict[str, Any]:
+    """How varied the replies are: distinct sentences / all sentences, and the most repeated."""
+    vs = resolve_voice_set(voices)
+    counts: Counter[str] = Counter()
+    for ex in examples:
+        for m in ex["messages"]:
+            if m["role"] != "assistant":
+                continue
+            for seg in parse_text(m["content"], vs):
+                counts.update(split_sentences(seg.text))
+    total = sum(counts.values())
+    return {
+        "sentences": total,
+        "distinct": len(counts),
+        "ratio": (len(counts) / total) if total else 0.0,
+        "most_repeated": [{"sentence": s, "count": c} for s, c in counts.most_common(top)],
+    }
+
+
+def write_synth(
+    out: str | Path,
+    voices: VoiceSet | str | None = "seed",
+    n: int = 2000,
+    seed: int = 0,
+    holdout: float = 0.0,
+    system: bool = False,
+) -> dict[str, Any]:
+    """Write ``n`` examples: ``round(n * holdout)`` to the held-out file, the rest to ``out``."""
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    n_held = round(n * holdout)
+    n_train = n - n_held
+    out = Path(out)
+
+    def written(f: TextIO) -> Iterator[dict[str, Any]]:
+        for ex in synth(voices, n_train, seed, "train", system):
+            f.write(dumps_example(ex) + "\n")
+            yield ex
+
+    with out.open("w", encoding="utf-8", newline="\n") as f:
+        diversity = sentence_diversity(written(f), voices)
+    result: dict[str, Any] = {"out": str(out), "train": n_train, "diversity": diversity}
+    if n_held:
+        hp = heldout_path(out)
+        with hp.open("w", encoding="utf-8", newline="\n") as f:
+            for ex in synth(voices, n_held, seed, "heldout", system):
+                f.write(dumps_example(ex) + "\n")
+        result["heldout"] = n_held
+        result["heldout_out"] = str(hp)
+    return result
