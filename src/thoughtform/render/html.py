@@ -50,7 +50,7 @@ def _asset(name: str) -> str:
 
 def _clean(s: str) -> str:
     # Lone surrogates (from JSON traces) cannot be written as UTF-8.
-    return _SURROGATE.sub("\ufffd", s)
+    return _SURROGATE.sub("\ufffd", s) if _SURROGATE.search(s) else s
 
 
 def _attr(s: str) -> str:
@@ -226,14 +226,15 @@ def render_fragment(
 
 
 def _token_data(trace: Trace) -> dict[str, object]:
+    # Surrogates are cleaned once over the whole JSON text in json_blob.
     return {
         "v": 1,
         "tokens": [
             [
-                _clean(t.text),
+                t.text,
                 _num(t.logprob),
                 _num(t.entropy),
-                [[_clean(a.text), _num(a.logprob)] for a in t.top[:ALTS_MAX]],
+                [[a.text, _num(a.logprob)] for a in t.top[:ALTS_MAX]],
             ]
             for t in trace.tokens
         ],
