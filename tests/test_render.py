@@ -396,7 +396,7 @@ def hostile_trace() -> Trace:
     pieces = [
         "<scr", "ipt>window.__pwned=1</script>", "\n", "[Echo] ", "<img src=x onerror=alert(1)>",
         '"><svg onload=alert(2)>', "\n", "[Doubt]: <a href=\"javascript:alert(3)\">x</a>",
-        "<style>body{position:fixed}</style>&lt;b&gt;", "\u2028\u2029\x00\u202e\ufeff", "\n",
+        "<style>body{position:fixed}</style>&lt;b&gt;", "\u2028\u2029\x00\u202e\ufeff\ud83d", "\n",
     ]  # fmt: skip
     tr = token_trace(pieces)
     for t in tr.tokens:
@@ -436,6 +436,8 @@ def test_json_blob_cannot_break_out() -> None:
     tr = hostile_trace()
     doc = render_report(tr, "seed", tokens=True)
     doc.encode("utf-8")  # no lone surrogates left
+    assert '<span class="tf-cc" title="invisible character U+D83D">U+D83D</span>' in doc
+    render_fragment(tr, "seed", tokens=True).encode("utf-8")
     assert doc.count("<script") == 2 and doc.count("</script>") == 2
 
 
