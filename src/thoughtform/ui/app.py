@@ -1,0 +1,524 @@
+"""The Gradio workbench: ``build_app(config) -> gr.Blocks`` and ``serve(config)``.
+
+Gradio lays out the page and carries events; one ``gr.HTML`` component with a static template
+hosts the renderer (``assets/workbench.js``), fed with small delta payloads (``stream.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before gradio is imported: no telemetry from a local tool.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import re
+import sys
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..voices import PRESETS, VoiceSet, VoiceSetError, voice_set_from_dict
+from .config import ConfigError, ServeConfig, check_exposure
+from .export import ImportError_, import_file, reply_trace, safe_filename, session_markdown
+from .service import BACKENDS, Tab, Workbench, WorkbenchError
+from .store import StoreError, valid_session_id
+
+__all__ = ["ServeConfig", "build_app", "serve"]
+
+SETTING_KEYS = (
+    "backend",
+    "model",
+    "base_url",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "seed",
+    "alternatives",
+    "voice_prompt",
+    "system",
+)
+VOICE_COLUMNS = ["name", "color", "glyph", "syntax", "aliases", "description"]
+EXPORTS = ["Trace (JSONL)", "HTML report", "Markdown"]
+
+
+def asset(name: str) -> str:
+    """The text of one of the workbench's own asset files."""
+    return resources.files("thoughtform.ui").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def plain(msg: object, limit: int = 500) -> str:
+    """A message safe to show in a toast whether it is rendered as text or as HTML."""
+    s = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", str(msg))[:limit]
+    return s.replace("&", "＆").replace("<", "‹").replace(">", "›")
+
+
+def _error(e: Exception) -> Exception:
+    return gr.Error(plain(e), print_exception=False)
+
+
+def _voice_rows(vs: VoiceSet) -> list[list[str]]:
+    return [
+        [v.name, v.color, v.glyph, v.syntax, ", ".join(v.aliases), v.description]
+        for v in sorted(vs.voices, key=lambda v: v.lane)
+    ]
+
+
+def voices_from_rows(rows: Any, current: VoiceSet) -> VoiceSet:
+    """A voice set from the editor table (validated; per-voice sampling kept from ``current``)."""
+    if hasattr(rows, "values") and hasattr(rows, "columns"):  # a pandas DataFrame
+        rows = rows.values.tolist()
+    if isinstance(rows, dict) and "data" in rows:
+        rows = rows["data"]
+    voices = []
+    for i, r in enumerate(rows or []):
+        cells = [("" if c is None else str(c)).strip() for c in list(r)[: len(VOICE_COLUMNS)]]
+        cells += [""] * (len(VOICE_COLUMNS) - len(cells))
+        name, color, glyph, syntax, aliases, desc = cells
+        if not name:
+            continue
+        d: dict[str, Any] = {"name": name, "lane": i + 1, "description": desc}
+        if color:
+            d["color"] = color
+        if glyph:
+            d["glyph"] = glyph
+        if syntax:
+            d["syntax"] = syntax
+        al = [a.strip() for a in aliases.split(",") if a.strip()]
+        if al:
+            d["aliases"] = al
+        old = current.get(name)
+        if old is not None:
+            if old.temperature is not None:
+                d["temperature"] = old.temperature
+            if old.top_p is not None:
+                d["top_p"] = old.top_p
+        voices.append(d)
+    data = {
+        "name": current.name,
+        "description": current.description,
+        "unknown": current.unknown,
+        "default_voice": current.default_voice,
+        "voices": voices,
+    }
+    return voice_set_from_dict(data, source="voices table")
+
+
+def voices_from_yaml(text: str) -> VoiceSet:
+    """A voice set from YAML typed or loaded into the editor."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text or "")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise VoiceSetError(
+            f"voices YAML: {where}{getattr(e, 'problem', None) or 'invalid YAML'}"
+        ) from None
+    return voice_set_from_dict(data, source="voices YAML")
+
+
+def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
+    """The workbench page as a ``gr.Blocks`` (call ``.queue().launch()`` or use :func:`serve`)."""
+    wb = workbench or Workbench(config)
+
+    def tf_events(args: list[Any]) -> list[Any]:
+        """Events a browser missed: [run_id, from, to]."""
+        try:
+            run_id, a, b = args
+            return wb.run_events(str(run_id), int(a), int(b))
+        except (TypeError, ValueError):
+            return []
+
+    def tf_attention(args: list[Any]) -> dict[str, Any] | None:
+        """Attention of one token: [session_id, global_index]."""
+        try:
+            sid, i = args
+            return wb.attention(str(sid), int(i))
+        except (TypeError, ValueError):
+            return None
+
+    head = f"<style>{asset('workbench.css')}</style><script>{asset('workbench.js')}</script>"
+
+    with gr.Blocks(title="thoughtform", analytics_enabled=False, fill_width=True) as demo:
+        tab_state = gr.State(Tab().to_dict())
+        with gr.Sidebar(label="Sessions", open=True, width=300):
+            session_dd = gr.Dropdown(
+                label="Session", choices=[], elem_id="session", interactive=True
+            )
+            new_btn = gr.Button("New session", elem_id="new-session", size="sm")
+            title_tb = gr.Textbox(label="Name", elem_id="session-title", max_lines=1)
+            with gr.Row():
+                rename_btn = gr.Button("Rename", elem_id="rename", size="sm")
+                delete_btn = gr.Button("Delete", elem_id="delete", size="sm", variant="stop")
+            with gr.Accordion("Export", open=False):
+                export_kind = gr.Radio(
+                    EXPORTS, value=EXPORTS[0], label="Format", elem_id="export-kind"
+                )
+                export_which = gr.Number(
+                    value=0, precision=0, label="Reply number (0 = last)", elem_id="export-which"
+                )
+                export_btn = gr.Button("Export", elem_id="export", size="sm")
+                export_file = gr.File(label="Download", elem_id="export-file", interactive=False)
+            with gr.Accordion("Import", open=False):
+                import_file_c = gr.File(
+                    label="Trace (.jsonl) or transcript (.txt, .md)",
+                    file_types=[".jsonl", ".txt", ".md"],
+                    type="filepath",
+                    elem_id="import-file",
+                )
+        with gr.Tabs():
+            with gr.Tab("Workbench", id="workbench-tab"):
+                board = gr.HTML(
+                    value="",
+                    html_template='<div class="tf-wb" id="tf-wb"></div>',
+                    js_on_load="window.thoughtform.mount(element, props, server, watch);",
+                    head=head,
+                    server_functions=[tf_events, tf_attention],
+                    elem_id="workbench",
+                    apply_default_css=False,
+                )
+                with gr.Row(equal_height=True):
+                    prompt = gr.Textbox(
+                        show_label=False,
+                        placeholder="Write a message (you can use voices too: [Doubt] …). Enter sends.",
+                        elem_id="prompt",
+                        lines=1,
+                        max_lines=6,
+                        scale=8,
+                        autofocus=True,
+                    )
+                    send_btn = gr.Button(
+                        "Send", variant="primary", elem_id="send", scale=1, min_width=80
+                    )
+                    stop_btn = gr.Button(
+                        "Stop", variant="stop", elem_id="stop", scale=1, min_width=80
+                    )
+            with gr.Tab("Voices", id="voices-tab"):
+                voices_table = gr.Dataframe(
+                    headers=VOICE_COLUMNS,
+                    datatype=["str"] * len(VOICE_COLUMNS),
+                    column_count=(len(VOICE_COLUMNS), "fixed"),
+                    type="array",
+                    interactive=True,
+                    label="Voices (color #RRGGBB; syntax bracket = [Name], tag = <name>…</name>)",
+                    elem_id="voices-table",
+                )
+                with gr.Row():
+                    apply_table_btn = gr.Button(
+                        "Apply table", elem_id="apply-table", variant="primary"
+                    )
+                    preset_dd = gr.Dropdown(
+                        list(PRESETS), value=None, label="Preset", elem_id="preset"
+                    )
+                    preset_btn = gr.Button("Use preset", elem_id="use-preset")
+                voices_yaml = gr.Code(
+                    language="yaml", label="Voice set (YAML)", elem_id="voices-yaml"
+                )
+                with gr.Row():
+                    apply_yaml_btn = gr.Button("Apply YAML", elem_id="apply-yaml")
+                    save_yaml_btn = gr.Button("Save YAML", elem_id="save-yaml")
+                    load_yaml_btn = gr.UploadButton(
+                        "Load YAML",
+                        file_types=[".yaml", ".yml", ".json"],
+                        type="filepath",
+                        elem_id="load-yaml",
+                    )
+                yaml_file = gr.File(label="voices.yaml", interactive=False, elem_id="yaml-file")
+            with gr.Tab("Settings", id="settings-tab"):
+                with gr.Row():
+                    s_backend = gr.Dropdown(list(BACKENDS), label="Backend", elem_id="set-backend")
+                    s_model = gr.Textbox(
+                        label="Model (GGUF path, model name; empty = default)", elem_id="set-model"
+                    )
+                    s_base = gr.Textbox(label="Base URL (openai backend)", elem_id="set-base-url")
+                with gr.Row():
+                    s_temp = gr.Slider(
+                        0, 2, step=0.05, label="Temperature", elem_id="set-temperature"
+                    )
+                    s_top_p = gr.Slider(0, 1, step=0.01, label="Top p", elem_id="set-top-p")
+                    s_top_k = gr.Number(
+                        precision=0, minimum=0, label="Top k (0 = off)", elem_id="set-top-k"
+                    )
+                with gr.Row():
+                    s_max = gr.Number(
+                        precision=0, minimum=1, label="Max tokens", elem_id="set-max-tokens"
+                    )
+                    s_seed = gr.Number(
+                        precision=0, label="Seed (empty = random)", elem_id="set-seed"
+                    )
+                    s_alts = gr.Slider(
+                        0, 20, step=1, label="Alternatives per token", elem_id="set-alternatives"
+                    )
+                s_vprompt = gr.Checkbox(
+                    label="Ask for voices with a system prompt", elem_id="set-voice-prompt"
+                )
+                s_system = gr.Textbox(label="Extra system prompt", lines=3, elem_id="set-system")
+                save_settings_btn = gr.Button(
+                    "Save settings", variant="primary", elem_id="save-settings"
+                )
+        settings_fields = [
+            s_backend,
+            s_model,
+            s_base,
+            s_temp,
+            s_top_p,
+            s_top_k,
+            s_max,
+            s_seed,
+            s_alts,
+            s_vprompt,
+            s_system,
+        ]
+
+        # -- helpers ---------------------------------------------------------------------
+
+        def settings_values(s: dict[str, Any]) -> list[Any]:
+            return [s.get(k) for k in SETTING_KEYS]
+
+        def session_view(sid: str | None) -> list[Any]:
+            """Everything that changes when a tab shows another session."""
+            pl, tab = wb.reset_payload(sid)
+            info = wb.store.get_session(tab.sid or "")
+            vs = wb.voices_of(info)
+            return [
+                pl,
+                tab.to_dict(),
+                gr.update(choices=wb.session_choices(), value=tab.sid),
+                info.title if info else "",
+                _voice_rows(vs),
+                vs.to_yaml(),
+                *settings_values(wb.settings_of(info)),
+            ]
+
+        view_outputs = [
+            board,
+            tab_state,
+            session_dd,
+            title_tb,
+            voices_table,
+            voices_yaml,
+            *settings_fields,
+        ]
+
+        def on_load(request: gr.Request) -> list[Any]:
+            sid = None
+            try:
+                sid = request.query_params.get("session")
+            except AttributeError:
+                pass
+            return session_view(sid if valid_session_id(sid) else None)
+
+        def on_switch(sid: str | None) -> list[Any]:
+            return session_view(sid)
+
+        def on_new() -> list[Any]:
+            return session_view(wb.new_session().id)
+
+        def on_rename(title: str, tab: dict[str, Any]) -> Any:
+            t = Tab.of(tab)
+            if t.sid:
+                try:
+                    wb.rename(t.sid, title)
+                except (WorkbenchError, StoreError) as e:
+                    raise _error(e) from None
+            return gr.update(choices=wb.session_choices(), value=t.sid)
+
+        def on_delete(tab: dict[str, Any]) -> list[Any]:
+            t = Tab.of(tab)
+            if t.sid:
+                wb.delete(t.sid)
+            return session_view(None)
+
+        def on_send(text: str, tab: dict[str, Any]) -> Iterator[tuple[Any, Any, Any]]:
+            if not isinstance(text, str) or not text.strip():
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
+            first = True
+            try:
+                for pl, new_tab in wb.send(Tab.of(tab), text):
+                    if first:
+                        yield pl, new_tab.to_dict(), ""
+                        first = False
+                    else:
+                        yield pl, gr.skip(), gr.skip()
+            except (WorkbenchError, StoreError) as e:
+                raise _error(e) from None
+
+        def on_stop(tab: dict[str, Any]) -> None:
+            wb.stop(Tab.of(tab).sid)
+
+        def refresh_sessions(tab: dict[str, Any]) -> Any:
+            return gr.update(choices=wb.session_choices(), value=Tab.of(tab).sid)
+
+        def on_save_settings(tab: dict[str, Any], *values: Any) -> None:
+            t = Tab.of(tab)
+            if not t.sid:
+                return
+            try:
+                wb.save_settings(t.sid, dict(zip(SETTING_KEYS, values, strict=True)))
+            except (WorkbenchError, StoreError) as e:
+                raise _error(e) from None
+            gr.Info("Settings saved for this session.")
+
+        def apply_voices(tab: dict[str, Any], vs: VoiceSet) -> list[Any]:
+            t = Tab.of(tab)
+            if not t.sid:
+                raise _error(WorkbenchError("no session open"))
+            wb.set_voices(t.sid, vs)
+            pl, new_tab = wb.reset_payload(t.sid)
+            return [pl, new_tab.to_dict(), _voice_rows(vs), vs.to_yaml()]
+
+        voice_outputs = [board, tab_state, voices_table, voices_yaml]
+
+        def current_voices(tab: dict[str, Any]) -> VoiceSet:
+            t = Tab.of(tab)
+            return wb.voices_of(wb.store.get_session(t.sid) if t.sid else None)
+
+        def on_apply_table(tab: dict[str, Any], rows: Any) -> list[Any]:
+            try:
+                return apply_voices(tab, voices_from_rows(rows, current_voices(tab)))
+            except VoiceSetError as e:
+                raise _error(e) from None
+
+        def on_apply_yaml(tab: dict[str, Any], text: str) -> list[Any]:
+            try:
+                return apply_voices(tab, voices_from_yaml(text))
+            except VoiceSetError as e:
+                raise _error(e) from None
+
+        def on_preset(tab: dict[str, Any], name: str | None) -> list[Any]:
+            if name not in PRESETS:
+                raise _error(WorkbenchError("pick a preset first"))
+            return apply_voices(tab, PRESETS[name])
+
+        def on_load_yaml(tab: dict[str, Any], path: str | None) -> list[Any]:
+            if not path:
+                return [gr.skip()] * 4
+            try:
+                text = Path(path).read_bytes()[:1_000_000].decode("utf-8-sig", errors="replace")
+                return apply_voices(tab, voices_from_yaml(text))
+            except VoiceSetError as e:
+                raise _error(e) from None
+
+        def on_save_yaml(tab: dict[str, Any]) -> str:
+            vs = current_voices(tab)
+            out = wb.export_dir() / safe_filename(vs.name or "voices", ".yaml")
+            out.write_text(vs.to_yaml(), encoding="utf-8")
+            return str(out)
+
+        def on_export(tab: dict[str, Any], kind: str, which: float | None) -> str | None:
+            t = Tab.of(tab)
+            info = wb.store.get_session(t.sid or "")
+            if info is None:
+                raise _error(WorkbenchError("no session open"))
+            vs = wb.voices_of(info)
+            msgs = wb.store.messages(info.id)
+            d = wb.export_dir()
+            if kind == "Markdown":
+                out = d / safe_filename(info.title, ".md")
+                out.write_text(session_markdown(info, msgs, vs), encoding="utf-8")
+                return str(out)
+            trace = reply_trace(info, msgs, int(which or 0), vs)
+            if trace is None:
+                raise _error(WorkbenchError("this session has no reply to export yet"))
+            if kind == "HTML report":
+                try:
+                    from ..render.html import render_report
+                except ImportError as e:
+                    raise _error(WorkbenchError(f"HTML reports are not available: {e}")) from None
+                out = d / safe_filename(info.title, ".html")
+                out.write_text(
+                    render_report(trace, vs, tokens=bool(trace.tokens), title=info.title),
+                    encoding="utf-8",
+                )
+                return str(out)
+            out = d / safe_filename(info.title, ".jsonl")
+            trace.save(out)
+            return str(out)
+
+        def on_import(path: str | None) -> list[Any]:
+            if not path:
+                return [gr.skip()] * len(view_outputs)
+            try:
+                sid, warnings = import_file(wb.store, path, wb.default_settings())
+            except (ImportError_, StoreError, OSError) as e:
+                raise _error(e) from None
+            if warnings:
+                gr.Warning(plain(f"{len(warnings)} lines skipped; first: {warnings[0]}"))
+            return session_view(sid)
+
+        # -- wiring ----------------------------------------------------------------------
+
+        demo.load(on_load, None, view_outputs, show_progress="hidden")
+        session_dd.input(on_switch, session_dd, view_outputs, show_progress="hidden")
+        new_btn.click(on_new, None, view_outputs, show_progress="hidden")
+        rename_btn.click(on_rename, [title_tb, tab_state], session_dd, show_progress="hidden")
+        delete_btn.click(on_delete, tab_state, view_outputs, show_progress="hidden")
+        send_args: dict[str, Any] = {
+            "fn": on_send,
+            "inputs": [prompt, tab_state],
+            "outputs": [board, tab_state, prompt],
+            "show_progress": "hidden",
+            "concurrency_id": "generate",
+            "concurrency_limit": 1,
+        }
+        sent = prompt.submit(**send_args)
+        sent.then(refresh_sessions, tab_state, session_dd, show_progress="hidden")
+        clicked = send_btn.click(**send_args)
+        clicked.then(refresh_sessions, tab_state, session_dd, show_progress="hidden")
+        stop_btn.click(on_stop, tab_state, None, show_progress="hidden", concurrency_limit=None)
+        save_settings_btn.click(on_save_settings, [tab_state, *settings_fields], None)
+        apply_table_btn.click(
+            on_apply_table, [tab_state, voices_table], voice_outputs, show_progress="hidden"
+        )
+        apply_yaml_btn.click(
+            on_apply_yaml, [tab_state, voices_yaml], voice_outputs, show_progress="hidden"
+        )
+        preset_btn.click(on_preset, [tab_state, preset_dd], voice_outputs, show_progress="hidden")
+        load_yaml_btn.upload(
+            on_load_yaml, [tab_state, load_yaml_btn], voice_outputs, show_progress="hidden"
+        )
+        save_yaml_btn.click(on_save_yaml, tab_state, yaml_file)
+        export_btn.click(on_export, [tab_state, export_kind, export_which], export_file)
+        import_file_c.upload(on_import, import_file_c, view_outputs, show_progress="hidden")
+    demo.workbench = wb  # type: ignore[attr-defined]
+    return demo
+
+
+def launch_kwargs(config: ServeConfig) -> dict[str, Any]:
+    """How :func:`serve` launches Gradio: no share link, no extra files, auth when given."""
+    return {
+        "server_name": config.host,
+        "server_port": config.port,
+        "auth": config.auth,
+        "share": False,
+        "allowed_paths": [],
+        "ssr_mode": False,
+        "mcp_server": False,
+        "pwa": False,
+        "inbrowser": False,
+        "enable_monitoring": False,
+        "show_error": True,
+    }
+
+
+def serve(config: ServeConfig) -> None:
+    """Start the workbench and block until interrupted."""
+    try:
+        warning = check_exposure(config)
+    except ConfigError as e:
+        raise SystemExit(f"thoughtform serve: {e}") from None
+    if warning:
+        print(warning, file=sys.stderr)
+    wb = Workbench(config)
+    demo = build_app(config, wb)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    try:
+        demo.launch(**launch_kwargs(config))
+    finally:
+        wb.close()

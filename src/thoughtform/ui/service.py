@@ -1,0 +1,471 @@
+"""The workbench without the web page: sessions, settings, voices, backends and streaming runs."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..backends import Backend, BackendError, create_backend
+from ..backends.base import GenerationRequest, Message, Sampling
+from ..generate import Generation
+from ..voices import VoiceSet, VoiceSetError, resolve_voice_set, voice_set_from_dict
+from .config import ServeConfig, db_path
+from .store import SessionInfo, Store, StoredMessage, valid_session_id
+from .stream import Encoder, Run, payload
+
+BACKENDS = ("llamacpp", "openai", "replay", "transformers")
+MAX_PROMPT_CHARS = 100_000
+YIELD_EVERY_S = 0.03  # how often a streaming reply pushes a payload (tokens are batched)
+
+
+class WorkbenchError(ValueError):
+    """Something the user asked for cannot be done; the message is shown to them."""
+
+
+@dataclass
+class Tab:
+    """What one browser tab shows: the session and how many of its messages it has."""
+
+    sid: str | None = None
+    known: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (kept in ``gr.State``)."""
+        return {"sid": self.sid, "known": self.known}
+
+    @classmethod
+    def of(cls, d: Any) -> Tab:
+        """From the state mapping (anything else gives an empty tab)."""
+        if isinstance(d, Tab):
+            return d
+        if isinstance(d, dict) and valid_session_id(d.get("sid")):
+            return cls(sid=d["sid"], known=int(d.get("known") or 0))
+        return cls()
+
+
+def _num(d: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    try:
+        v = float(d.get(key, default))
+    except (TypeError, ValueError):
+        return default
+    return min(hi, max(lo, v)) if v == v else default
+
+
+class Workbench:
+    """Everything ``serve`` does, callable from tests without a browser."""
+
+    def __init__(self, config: ServeConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store or Store(db_path(config))
+        self.default_voices = resolve_voice_set(config.voices)
+        self._backends: dict[tuple[Any, ...], Backend] = {}
+        self._blocks = threading.Lock()
+        self._encoders: OrderedDict[str, tuple[Encoder, int, str]] = OrderedDict()
+        self._elock = threading.Lock()
+        self._session_locks: dict[str, threading.Lock] = {}
+        self.active: dict[str, Run] = {}  # session id -> its streaming run
+        self.runs: OrderedDict[str, Run] = OrderedDict()  # recent runs, for gap fetches
+
+    # -- settings ------------------------------------------------------------------------
+
+    def default_settings(self) -> dict[str, Any]:
+        """Settings a new session starts with (from how the server was started)."""
+        c = self.config
+        return {
+            "backend": c.backend,
+            "model": c.model or "",
+            "base_url": c.base_url or "",
+            "temperature": 0.7,
+            "top_p": 0.95,
+            "top_k": 0,
+            "max_tokens": 256,
+            "seed": None,
+            "alternatives": 5,
+            "voice_prompt": bool(c.voice_prompt),
+            "system": "",
+        }
+
+    def settings_of(self, info: SessionInfo | None) -> dict[str, Any]:
+        """A session's settings over the defaults."""
+        s = self.default_settings()
+        if info is not None:
+            s.update({k: v for k, v in info.settings.items() if k in s})
+        return s
+
+    def clean_settings(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Validate settings from the page (clamped numbers, known backend)."""
+        s = self.default_settings()
+        backend = str(raw.get("backend") or s["backend"])
+        if backend not in BACKENDS:
+            raise WorkbenchError(f"unknown backend {backend!r} (choose {', '.join(BACKENDS)})")
+        s["backend"] = backend
+        s["model"] = str(raw.get("model") or "").strip()
+        s["base_url"] = str(raw.get("base_url") or "").strip()
+        s["temperature"] = _num(raw, "temperature", 0.7, 0.0, 5.0)
+        s["top_p"] = _num(raw, "top_p", 0.95, 0.0, 1.0)
+        s["top_k"] = int(_num(raw, "top_k", 0, 0, 1000))
+        s["max_tokens"] = int(_num(raw, "max_tokens", 256, 1, 32768))
+        seed = raw.get("seed")
+        s["seed"] = int(seed) if isinstance(seed, (int, float)) and seed == seed else None
+        s["alternatives"] = int(_num(raw, "alternatives", 5, 0, 20))
+        s["voice_prompt"] = bool(raw.get("voice_prompt", True))
+        s["system"] = str(raw.get("system") or "")[:20_000]
+        return s
+
+    def save_settings(self, sid: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """Validate and keep settings with the session."""
+        s = self.clean_settings(raw)
+        self.store.update_session(sid, settings=s)
+        return s
+
+    # -- voices --------------------------------------------------------------------------
+
+    def voices_of(self, info: SessionInfo | None) -> VoiceSet:
+        """A session's voice set (the server default until the user edits it)."""
+        if info is not None and info.voice_set:
+            try:
+                return voice_set_from_dict(info.voice_set, source="session voices")
+            except VoiceSetError:
+                pass
+        return self.default_voices
+
+    def set_voices(self, sid: str, voices: VoiceSet) -> None:
+        """Keep a voice set with the session (the next reset re-parses its replies)."""
+        self.store.update_session(sid, voice_set=voices.to_dict())
+        with self._elock:
+            self._encoders.pop(sid, None)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def new_session(self, title: str = "New session") -> SessionInfo:
+        """Create a session with the default voices and settings."""
+        sid = self.store.create_session(title=title, settings=self.default_settings())
+        info = self.store.get_session(sid)
+        assert info is not None
+        return info
+
+    def open_session(self, sid: str | None) -> SessionInfo:
+        """The session ``sid``, else the most recent one, else a new one."""
+        if sid and valid_session_id(sid):
+            info = self.store.get_session(sid)
+            if info is not None:
+                return info
+        sessions = self.store.list_sessions()
+        return sessions[0] if sessions else self.new_session()
+
+    def session_choices(self) -> list[tuple[str, str]]:
+        """(label, id) pairs for the session picker, most recent first."""
+        out = []
+        for s in self.store.list_sessions():
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))
+            out.append((f"{s.title} · {s.messages} msg · {when}", s.id))
+        return out
+
+    def rename(self, sid: str, title: str) -> None:
+        """Rename a session (1-200 characters)."""
+        title = " ".join(str(title).split())[:200]
+        if not title:
+            raise WorkbenchError("a session needs a name")
+        self.store.update_session(sid, title=title)
+
+    def delete(self, sid: str) -> None:
+        """Delete a session (stopping its reply first)."""
+        self.stop(sid)
+        self.store.delete_session(sid)
+        with self._elock:
+            self._encoders.pop(sid, None)
+
+    def _lock_for(self, sid: str) -> threading.Lock:
+        with self._elock:
+            return self._session_locks.setdefault(sid, threading.Lock())
+
+    # -- rendering -----------------------------------------------------------------------
+
+    def _encode_session(self, info: SessionInfo) -> tuple[Encoder, list[list[Any]], int]:
+        """Encode a whole session (its replies re-parsed with its voices)."""
+        vs = self.voices_of(info)
+        enc = Encoder(vs)
+        msgs = self.store.messages(info.id)
+        evs: list[list[Any]] = [["R"], enc.voices_event(), ["N", info.id, info.title]]
+        for m in msgs:
+            evs += self._encode_message(enc, m)
+        evs.append(enc.stats_event())
+        with self._elock:
+            self._encoders[info.id] = (enc, len(msgs), vs.to_yaml())
+            self._encoders.move_to_end(info.id)
+            while len(self._encoders) > 8:
+                self._encoders.popitem(last=False)
+        return enc, evs, len(msgs)
+
+    def _encode_message(self, enc: Encoder, m: StoredMessage) -> list[list[Any]]:
+        if m.tokens:
+            evs, _ = enc.token_message(m.id, m.role, self._status(m), m.tokens, m.finish)
+            return evs
+        evs = enc.text_message(m.id, m.role, self._status(m), m.content or "")
+        if m.role == "assistant" and m.status != "done":
+            msg = (m.finish or {}).get("message", "") or ""
+            st = self._status(m)
+            if st == "interrupted":
+                msg = "the server stopped while this reply streamed"
+            evs.append(["E", st, str(msg)])
+        return evs
+
+    def _status(self, m: StoredMessage) -> str:
+        if m.status == "streaming":
+            live = any(r.message_id == m.id and not r.done for r in self.active.values())
+            return "streaming" if live else "interrupted"
+        return m.status
+
+    def reset_payload(self, sid: str | None) -> tuple[str, Tab]:
+        """The full view of a session, and the tab state that goes with it."""
+        info = self.open_session(sid)
+        _, evs, n = self._encode_session(info)
+        return payload(info.id, evs, reset=True), Tab(info.id, n)
+
+    def encoder_for(self, info: SessionInfo) -> tuple[Encoder, list[list[Any]] | None, int]:
+        """The cached encoder of a session; re-encodes (and returns reset events) if stale."""
+        n = self.store.message_count(info.id)
+        vs_yaml = self.voices_of(info).to_yaml()
+        with self._elock:
+            got = self._encoders.get(info.id)
+        if got is not None and got[1] == n and got[2] == vs_yaml:
+            return got[0], None, n
+        enc, evs, n = self._encode_session(info)
+        return enc, evs, n
+
+    # -- backends ------------------------------------------------------------------------
+
+    def backend_for(self, s: dict[str, Any]) -> Backend:
+        """A backend for these settings (created once, then reused)."""
+        name = s["backend"]
+        opts: dict[str, Any] = {}
+        if name == "replay":
+            # The replay file is fixed at start: a path typed into the page must not read files.
+            if not self.config.replay:
+                raise WorkbenchError("the replay backend needs serve --replay FILE")
+            opts = {"path": self.config.replay, "rate": self.config.replay_rate}
+        elif name == "llamacpp":
+            model = s.get("model") or None
+            if model and not str(model).lower().endswith(".gguf"):
+                raise WorkbenchError(
+                    "llamacpp needs a .gguf model path (or empty for the embedded model)"
+                )
+            opts = {"model": model}
+        elif name == "openai":
+            if not s.get("base_url"):
+                raise WorkbenchError("the openai backend needs a base URL")
+            opts = {"base_url": s["base_url"], "model": s.get("model") or None}
+        elif name == "transformers":
+            opts = {"model": s.get("model") or None}
+        key = (name, *sorted((k, str(v)) for k, v in opts.items()))
+        with self._blocks:
+            b = self._backends.get(key)
+            if b is None:
+                try:
+                    b = create_backend(name, **opts)
+                except BackendError as e:
+                    raise WorkbenchError(str(e)) from None
+                except (OSError, ValueError, TypeError) as e:
+                    raise WorkbenchError(f"backend {name!r}: {e}") from None
+                self._backends[key] = b
+            return b
+
+    def close(self) -> None:
+        """Stop replies, release backends and the database."""
+        for run in list(self.active.values()):
+            run.cancel.set()
+            run.join(5)
+        with self._blocks:
+            for b in self._backends.values():
+                try:
+                    b.close()
+                except Exception:
+                    pass
+            self._backends.clear()
+        self.store.close()
+
+    # -- chat ----------------------------------------------------------------------------
+
+    def _request(self, info: SessionInfo, vs: VoiceSet, s: dict[str, Any]) -> GenerationRequest:
+        msgs: list[Message] = []
+        system = ""
+        if s.get("voice_prompt"):
+            try:
+                from ..prompting import voice_system_prompt
+
+                system = voice_system_prompt(vs)
+            except ImportError:
+                system = ""
+        if s.get("system"):
+            system = (system + "\n\n" + s["system"]).strip()
+        history = [
+            Message(m.role, m.text)
+            for m in self.store.messages(info.id)
+            if m.role in ("user", "assistant") and m.text
+        ]
+        # Keep the most recent turns that fit a character budget (small models, small contexts).
+        budget = 12_000
+        kept: list[Message] = []
+        for m in reversed(history):
+            if kept and budget - len(m.content) < 0:
+                break
+            budget -= len(m.content)
+            kept.append(m)
+        kept.reverse()
+        if system:
+            msgs.append(Message("system", system))
+        msgs += kept
+        sampling = Sampling(
+            temperature=s["temperature"],
+            top_p=s["top_p"],
+            top_k=s["top_k"],
+            seed=s["seed"],
+            max_tokens=s["max_tokens"],
+        )
+        return GenerationRequest(
+            messages=tuple(msgs), sampling=sampling, alternatives=s["alternatives"]
+        )
+
+    def send(self, tab: Tab, text: str) -> Iterator[tuple[str, Tab]]:
+        """Add the user's message and stream the reply as payloads (closing it stops the reply)."""
+        if not isinstance(text, str) or not text.strip():
+            return
+        if len(text) > MAX_PROMPT_CHARS:
+            raise WorkbenchError(f"message too long ({len(text)} > {MAX_PROMPT_CHARS} characters)")
+        info = self.open_session(tab.sid)
+        lock = self._lock_for(info.id)
+        if not lock.acquire(timeout=30):
+            raise WorkbenchError("this session is busy with another reply")
+        run: Run | None = None
+        try:
+            s = self.settings_of(info)
+            vs = self.voices_of(info)
+            backend = self.backend_for(s)
+            enc, reset_evs, n = self.encoder_for(info)
+            prefix: list[list[Any]] = []
+            reset = reset_evs is not None or tab.sid != info.id or tab.known != n
+            if reset:
+                if reset_evs is None:
+                    enc, reset_evs, n = self._encode_session(info)
+                prefix = list(reset_evs)
+                prefix.pop()  # stats come again at the end of the reply
+            user = self.store.add_message(info.id, "user", text)
+            prefix += enc.text_message(user.id, "user", "done", text)
+            request = self._request(info, vs, s)
+            meta = {"backend": s["backend"], "model": s.get("model") or None}
+            reply = self.store.add_message(
+                info.id, "assistant", None, status="streaming", meta=meta
+            )
+            prefix.append(enc.message_event(reply.id, "assistant", "streaming"))
+            gen = Generation(backend, request, vs, meta={"session": info.id})
+            run_id = secrets.token_urlsafe(6)
+            run = Run(run_id, gen, enc, self.store, reply.id, prefix)
+            self.active[info.id] = run
+            self.runs[run_id] = run
+            while len(self.runs) > 16:
+                self.runs.popitem(last=False)
+            run.start()
+            new_tab = Tab(info.id, n + 2)
+            sent = 0
+            first = True
+            while True:
+                evs, done = run.wait(sent, 0.25)
+                if evs:
+                    yield (
+                        payload(info.id, evs, reset=first and reset, run=run_id, start=sent),
+                        new_tab,
+                    )
+                    first = False
+                    sent += len(evs)
+                if done and sent >= len(run.events):
+                    break
+                if evs:
+                    time.sleep(YIELD_EVERY_S)  # let tokens pile up: one payload per batch
+        finally:
+            if run is not None:
+                if not run.done:
+                    run.cancel.set()  # the page went away (or the generator was closed)
+                    run.join(10)
+                if self.active.get(info.id) is run:
+                    del self.active[info.id]
+            lock.release()
+
+    def stop(self, sid: str | None) -> bool:
+        """Stop the session's streaming reply now; True when one was running."""
+        run = self.active.get(sid or "")
+        if run is None or run.done:
+            return False
+        run.cancel.set()
+        return True
+
+    def run_events(self, run_id: str, a: int, b: int) -> list[list[Any]]:
+        """Events ``a``..``b`` of a recent run (for a browser that missed a payload)."""
+        run = self.runs.get(str(run_id))
+        if run is None:
+            return []
+        return run.events_between(int(a), int(b))
+
+    # -- attention -----------------------------------------------------------------------
+
+    def attention(self, sid: str, index: int) -> dict[str, Any] | None:
+        """Where global token ``index`` attended, per layer, labelled for display."""
+        info = self.store.get_session(sid) if valid_session_id(sid) else None
+        if info is None:
+            return None
+        vs = self.voices_of(info)
+        enc = Encoder(vs)
+        for m in self.store.messages(info.id):
+            if not m.tokens:
+                continue
+            base = enc.tok_base
+            if not base <= index < base + len(m.tokens):
+                enc.tok_base += len(m.tokens)
+                continue
+            _, gen = enc.token_message(m.id, m.role, m.status, m.tokens, m.finish)
+            tok = m.tokens[index - base]
+            att = tok.attention
+            if att is None:
+                return {"index": index, "text": tok.text, "layers": []}
+            segs = gen.trace.segments
+            toks = gen.trace.tokens
+            layers = []
+            for li in range(len(att.segment_mass)):
+                seg_rows = []
+                for si, mass in att.segment_mass[li]:
+                    if 0 <= si < len(segs):
+                        sg = segs[si]
+                        seg_rows.append(
+                            [
+                                f"#{si} {sg.voice}",
+                                sg.voice,
+                                enc.colors.color(sg.voice),
+                                mass,
+                                sg.text[:80],
+                            ]
+                        )
+                    else:
+                        seg_rows.append([f"#{si}", "", "#777777", mass, ""])
+                top_rows = []
+                for pos, w in att.top[li] if li < len(att.top) else []:
+                    label = repr(toks[pos].text)[1:-1][:40] if 0 <= pos < len(toks) else "(prompt)"
+                    top_rows.append([pos, base + pos if 0 <= pos < len(toks) else None, label, w])
+                prompt = att.prompt_mass[li] if li < len(att.prompt_mass) else None
+                layers.append({"segments": seg_rows, "top": top_rows, "prompt": prompt})
+            return {"index": index, "text": tok.text, "layers": layers}
+        return None
+
+    # -- files ---------------------------------------------------------------------------
+
+    def export_dir(self) -> Path:
+        """Where exported files are written before the page downloads them."""
+        import tempfile
+
+        d = Path(tempfile.gettempdir()) / "thoughtform-exports"
+        d.mkdir(parents=True, exist_ok=True)
+        return d

@@ -1,0 +1,400 @@
+"""Sessions in SQLite (WAL): sessions, their messages, and every generated token as it streams."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..trace import TokenRecord
+
+SCHEMA_VERSION = 1
+_SID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS sessions(
+  id TEXT PRIMARY KEY,
+  title TEXT NOT NULL,
+  created REAL NOT NULL,
+  updated REAL NOT NULL,
+  voice_set TEXT,
+  settings TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS messages(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+  seq INTEGER NOT NULL,
+  role TEXT NOT NULL,
+  content TEXT,
+  status TEXT NOT NULL,
+  meta TEXT NOT NULL DEFAULT '{}',
+  finish TEXT,
+  created REAL NOT NULL,
+  UNIQUE(session_id, seq)
+);
+CREATE TABLE IF NOT EXISTS tokens(
+  message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+  idx INTEGER NOT NULL,
+  data TEXT NOT NULL,
+  PRIMARY KEY(message_id, idx)
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(RuntimeError):
+    """The sessions database cannot be opened or a session does not exist."""
+
+
+def valid_session_id(sid: object) -> bool:
+    """Whether ``sid`` has the shape of a session id (ids arrive from URLs and the browser)."""
+    return isinstance(sid, str) and _SID.match(sid) is not None
+
+
+@dataclass
+class SessionInfo:
+    """One session's row: id, title, times, its voice set (a mapping) and settings."""
+
+    id: str
+    title: str
+    created: float
+    updated: float
+    voice_set: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    messages: int = 0
+
+
+@dataclass
+class StoredMessage:
+    """One message: user text, or a reply with its tokens; ``status`` says how it ended."""
+
+    id: int
+    seq: int
+    role: str
+    content: str | None
+    status: str
+    meta: dict[str, Any]
+    finish: dict[str, Any] | None
+    created: float
+    tokens: list[TokenRecord] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The message text: its tokens joined when it has tokens, else its content."""
+        if self.tokens:
+            return "".join(t.text for t in self.tokens)
+        return self.content or ""
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the reply did not end normally (stopped, failed, or the server died)."""
+        return self.status not in ("done",)
+
+
+def _loads(s: str | None, default: Any) -> Any:
+    if not s:
+        return default
+    try:
+        return json.loads(s)
+    except ValueError:
+        return default
+
+
+def _dumps(x: Any) -> str:
+    return json.dumps(x, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+class Store:
+    """A sessions database; safe to share between threads (one connection per thread)."""
+
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        self._busy = busy_timeout_ms
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.path.parent}: cannot create: {e.strerror}") from None
+        con = self._conn()
+        # executescript commits on its own, so the DDL runs outside our transaction helper.
+        try:
+            con.executescript(_DDL)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a thoughtform sessions database: {e}") from None
+        con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is not None:
+            return con
+        try:
+            con = sqlite3.connect(
+                self.path, timeout=self._busy / 1000, isolation_level=None, check_same_thread=False
+            )
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(f"PRAGMA busy_timeout={int(self._busy)}")
+            con.execute("PRAGMA foreign_keys=ON")
+            # NORMAL in WAL mode: a commit survives a killed process (only an OS crash can lose
+            # the last transactions), and each token batch stays cheap.
+            con.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open sessions database: {e}") from None
+        self._local.con = con
+        with self._lock:
+            self._all.append(con)
+        return con
+
+    @contextmanager
+    def _tx(self, con: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE) so two writers never deadlock."""
+        con = con or self._conn()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+        with self._lock:
+            cons, self._all = self._all, []
+        for con in cons:
+            try:
+                con.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        title: str = "New session",
+        voice_set: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> str:
+        """Create an empty session and return its id."""
+        sid = secrets.token_urlsafe(9)
+        now = time.time()
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO sessions(id,title,created,updated,voice_set,settings) VALUES(?,?,?,?,?,?)",
+                (
+                    sid,
+                    title,
+                    now,
+                    now,
+                    _dumps(voice_set) if voice_set else None,
+                    _dumps(settings or {}),
+                ),
+            )
+        return sid
+
+    def _info(self, row: tuple[Any, ...]) -> SessionInfo:
+        return SessionInfo(
+            id=row[0],
+            title=row[1],
+            created=row[2],
+            updated=row[3],
+            voice_set=_loads(row[4], None),
+            settings=_loads(row[5], {}),
+            messages=row[6] if len(row) > 6 else 0,
+        )
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """All sessions, most recently used first."""
+        rows = self._conn().execute(
+            "SELECT s.id,s.title,s.created,s.updated,s.voice_set,s.settings,"
+            "(SELECT COUNT(*) FROM messages m WHERE m.session_id=s.id) "
+            "FROM sessions s ORDER BY s.updated DESC, s.created DESC"
+        )
+        return [self._info(r) for r in rows]
+
+    def get_session(self, sid: str) -> SessionInfo | None:
+        """One session, or None."""
+        if not valid_session_id(sid):
+            return None
+        row = (
+            self._conn()
+            .execute(
+                "SELECT s.id,s.title,s.created,s.updated,s.voice_set,s.settings,"
+                "(SELECT COUNT(*) FROM messages m WHERE m.session_id=s.id) "
+                "FROM sessions s WHERE s.id=?",
+                (sid,),
+            )
+            .fetchone()
+        )
+        return self._info(row) if row else None
+
+    def update_session(
+        self,
+        sid: str,
+        title: str | None = None,
+        voice_set: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """Change a session's title, voice set or settings (and mark it used now)."""
+        sets = ["updated=?"]
+        args: list[Any] = [time.time()]
+        if title is not None:
+            sets.append("title=?")
+            args.append(title)
+        if voice_set is not None:
+            sets.append("voice_set=?")
+            args.append(_dumps(voice_set))
+        if settings is not None:
+            sets.append("settings=?")
+            args.append(_dumps(settings))
+        with self._tx() as con:
+            cur = con.execute(f"UPDATE sessions SET {','.join(sets)} WHERE id=?", (*args, sid))
+            if cur.rowcount == 0:
+                raise StoreError(f"no session {sid!r}")
+
+    def delete_session(self, sid: str) -> bool:
+        """Delete a session with its messages and tokens; False when it did not exist."""
+        with self._tx() as con:
+            cur = con.execute("DELETE FROM sessions WHERE id=?", (sid,))
+        return cur.rowcount > 0
+
+    # -- messages ------------------------------------------------------------------------
+
+    def add_message(
+        self,
+        sid: str,
+        role: str,
+        content: str | None,
+        status: str = "done",
+        meta: dict[str, Any] | None = None,
+        finish: dict[str, Any] | None = None,
+    ) -> StoredMessage:
+        """Append a message to a session (its sequence number taken inside the transaction)."""
+        now = time.time()
+        with self._tx() as con:
+            if con.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone() is None:
+                raise StoreError(f"no session {sid!r}")
+            (seq,) = con.execute(
+                "SELECT COALESCE(MAX(seq),-1)+1 FROM messages WHERE session_id=?", (sid,)
+            ).fetchone()
+            cur = con.execute(
+                "INSERT INTO messages(session_id,seq,role,content,status,meta,finish,created) "
+                "VALUES(?,?,?,?,?,?,?,?)",
+                (
+                    sid,
+                    seq,
+                    role,
+                    content,
+                    status,
+                    _dumps(meta or {}),
+                    _dumps(finish) if finish else None,
+                    now,
+                ),
+            )
+            con.execute("UPDATE sessions SET updated=? WHERE id=?", (now, sid))
+        return StoredMessage(
+            id=int(cur.lastrowid or 0),
+            seq=seq,
+            role=role,
+            content=content,
+            status=status,
+            meta=meta or {},
+            finish=finish,
+            created=now,
+        )
+
+    def append_tokens(self, message_id: int, tokens: Iterable[TokenRecord]) -> int:
+        """Write a batch of token rows in one transaction; returns how many."""
+        rows = [(message_id, t.index, _dumps(t.to_dict())) for t in tokens]
+        if not rows:
+            return 0
+        with self._tx() as con:
+            con.executemany(
+                "INSERT OR REPLACE INTO tokens(message_id,idx,data) VALUES(?,?,?)", rows
+            )
+        return len(rows)
+
+    def finish_message(
+        self,
+        message_id: int,
+        status: str,
+        finish: dict[str, Any] | None,
+        content: str | None = None,
+    ) -> None:
+        """Record how a reply ended (and optionally its final text)."""
+        with self._tx() as con:
+            if content is None:
+                con.execute(
+                    "UPDATE messages SET status=?, finish=? WHERE id=?",
+                    (status, _dumps(finish) if finish else None, message_id),
+                )
+            else:
+                con.execute(
+                    "UPDATE messages SET status=?, finish=?, content=? WHERE id=?",
+                    (status, _dumps(finish) if finish else None, content, message_id),
+                )
+
+    def message_count(self, sid: str) -> int:
+        """How many messages a session has."""
+        (n,) = (
+            self._conn()
+            .execute("SELECT COUNT(*) FROM messages WHERE session_id=?", (sid,))
+            .fetchone()
+        )
+        return int(n)
+
+    def messages(self, sid: str, tokens: bool = True) -> list[StoredMessage]:
+        """A session's messages in order, with their tokens (read in one snapshot)."""
+        con = self._conn()
+        con.execute("BEGIN")  # one read snapshot: a reply streaming meanwhile stays consistent
+        try:
+            rows = con.execute(
+                "SELECT id,seq,role,content,status,meta,finish,created FROM messages "
+                "WHERE session_id=? ORDER BY seq",
+                (sid,),
+            ).fetchall()
+            out = [
+                StoredMessage(
+                    id=r[0],
+                    seq=r[1],
+                    role=r[2],
+                    content=r[3],
+                    status=r[4],
+                    meta=_loads(r[5], {}),
+                    finish=_loads(r[6], None),
+                    created=r[7],
+                )
+                for r in rows
+            ]
+            if tokens and out:
+                by_id = {m.id: m for m in out}
+                q = (
+                    "SELECT t.message_id,t.data FROM tokens t JOIN messages m ON m.id=t.message_id "
+                    "WHERE m.session_id=? ORDER BY t.message_id,t.idx"
+                )
+                for mid, data in con.execute(q, (sid,)):
+                    rec = _loads(data, None)
+                    if not isinstance(rec, dict):
+                        continue
+                    try:
+                        tok = TokenRecord.from_dict(rec)
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                    msg = by_id[mid]
+                    # A gap (lost batch) would shift every later index: keep tokens contiguous.
+                    tok.index = len(msg.tokens)
+                    msg.tokens.append(tok)
+        finally:
+            con.execute("COMMIT")
+        return out
