@@ -107,6 +107,7 @@ class VoiceParser:
         self._fence: tuple[str, int] | None = None
         self._fence_close = False
         self._closed = False
+        self._plain = False
 
     # -- public API ---------------------------------------------------------------------
 
@@ -127,27 +128,20 @@ class VoiceParser:
 
     def feed(self, piece: str, token: int | None = None) -> list[Event]:
         """Feed the next piece of text (optionally the index of the token it came from)."""
+        if self._plain and type(piece) is str and piece and self._special.search(piece) is None:
+            # Fast path: plain text in the middle of a line, nothing held back, no fence.
+            pos = self._pos
+            self._marks = [(pos, token)]
+            tok = () if token is None else (token,)
+            self._pos = pos + len(piece)
+            if self._open:
+                return [Text(self._cur, piece, pos, tok)]
+            self._open = True
+            return [VoiceStart(self._cur, pos, "", pos, tok), Text(self._cur, piece, pos, tok)]
         out: list[Event] = []
         if self._closed or not isinstance(piece, str) or not piece:
             return out
-        pos = self._pos
-        if (
-            not self._pending
-            and not self._line_start
-            and not self._run_char
-            and self._fence is None
-            and self._special.search(piece) is None
-        ):
-            # Fast path: plain text in the middle of a line, nothing held back.
-            self._marks = [(pos, token)]
-            tok = () if token is None else (token,)
-            if not self._open:
-                out.append(VoiceStart(self._cur, pos, "", pos, tok))
-                self._open = True
-            out.append(Text(self._cur, piece, pos, tok))
-            self._pos = pos + len(piece)
-            return out
-        self._marks.append((pos + len(self._pending), token))
+        self._marks.append((self._pos + len(self._pending), token))
         s = self._pending + piece
         keep = self._scan(s, False, out)
         self._advance(s, keep)
@@ -165,6 +159,7 @@ class VoiceParser:
             out.append(VoiceEnd(self._cur, self._pos, "", ()))
             self._open = False
         self._closed = True
+        self._plain = False
         return out
 
     # -- scanning -----------------------------------------------------------------------
@@ -172,6 +167,10 @@ class VoiceParser:
     def _advance(self, s: str, keep: int) -> None:
         self._pos += keep
         self._pending = s[keep:]
+        # Whether the next piece may take the fast path (re-derived after every scan).
+        self._plain = not (
+            self._pending or self._line_start or self._run_char or self._fence or self._closed
+        )
         marks = self._marks
         # Drop token marks that lie wholly before the new position, keeping the one in force.
         k = 0
