@@ -389,8 +389,8 @@ def normalize_record(obj: Any, voices: VoiceSet, strict: bool = False) -> Record
 def transcript_record(text: str, voices: VoiceSet, strict: bool = False) -> Record:
     """A plain transcript: the whole text is one assistant reply in voices."""
     rec = Record()
-    rec.problems.extend(check_text(text, "transcript"))
-    segs, probs = check_reply(text, voices, strict, "transcript")
+    rec.problems.extend(check_text(text, "reply"))
+    segs, probs = check_reply(text, voices, strict, "reply")
     rec.problems.extend(probs)
     rec.replies.append(segs)
     rec.messages.append({"role": "assistant", "content": text})

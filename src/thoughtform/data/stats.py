@@ -117,7 +117,7 @@ class _Acc:
             {
                 "voice": v,
                 "color": self.vs.color_of(v),
-                "declared": self.vs.get(v) is not None,
+                "declared": self.vs.get(v) is not None or v == self.vs.default_voice,
                 "segments": self.seg_count[v],
                 "examples": self.voice_examples[v],
                 "tokens": self.seg_tokens[v],

@@ -4,6 +4,8 @@ and reading carries on (constant memory, whatever the file size)."""
 from __future__ import annotations
 
 import json
+import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +15,11 @@ from typing import Any
 from ..voices import VoiceSet, resolve_voice_set
 from . import formats as F
 from .lines import DEFAULT_MAX_LINE_BYTES, DatasetError, Line, iter_lines, open_binary
+
+# Real chat records nest 5 deep; past this a line is garbage or an attack on the decoder, and the
+# limit must not depend on Python's recursion limit.
+MAX_JSON_DEPTH = 64
+_JSON_SPECIAL = re.compile(r'["\[\]{}]')
 
 # A transcript is one reply held whole in memory; past this it is surely not one reply.
 MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
@@ -102,6 +109,36 @@ class Report:
         }
 
 
+def json_depth(text: str) -> int:
+    """How deeply brackets nest in JSON ``text`` (brackets inside strings do not count)."""
+    # A hand scan, linear even on hostile input (a regex for strings rescans unclosed ones).
+    depth = best = 0
+    i = 0
+    while (m := _JSON_SPECIAL.search(text, i)) is not None:
+        c, j = m.group(0), m.start()
+        if c == '"':
+            k = j + 1
+            while True:
+                k = text.find('"', k)
+                if k < 0:
+                    return best  # unterminated string: json.loads will say so
+                b = k - 1
+                while b > j and text[b] == "\\":
+                    b -= 1
+                if (k - 1 - b) % 2 == 0:  # an even run of backslashes: the quote is real
+                    break
+                k += 1
+            i = k + 1
+            continue
+        if c in "[{":
+            depth += 1
+            best = max(best, depth)
+        else:
+            depth -= 1
+        i = j + 1
+    return best
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -161,6 +198,19 @@ def _jsonl_entries(
             issues.append(Issue(path, ln.number, F.BLANK_WARN, "blank line (skipped)", "warning"))
             yield Entry(path, ln.number, None, issues)
             continue
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+            depth = json_depth(text)
+            if depth > MAX_JSON_DEPTH:
+                issues.append(
+                    Issue(
+                        path,
+                        ln.number,
+                        F.TOO_DEEP,
+                        f"JSON nested too deeply (depth {depth}; the limit is {MAX_JSON_DEPTH})",
+                    )
+                )
+                yield Entry(path, ln.number, None, issues)
+                continue
         try:
             obj = json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as e:
@@ -193,17 +243,18 @@ def _transcript_entries(
 ) -> Iterator[Entry]:
     issues: list[Issue] = []
     parts: list[str] = []
-    starts: list[int] = []  # offset in the text where each line begins
+    starts: list[int] = []  # offset in the text where each kept line begins
+    numbers: list[int] = []  # and its line number (bad lines are left out of the text)
     pos = 0
     crlf_seen = False
-    broken = False
+    usable = True
     for ln in lines:
         issues.extend(_line_warnings(path, ln, crlf_seen))
         crlf_seen = crlf_seen or ln.crlf
         err = _line_error(path, ln, max_line_bytes)
         if err is not None:
             issues.append(err)
-            broken = True
+            usable = False
             continue
         text = ln.text or ""
         if pos + len(text) > MAX_TRANSCRIPT_BYTES:
@@ -215,39 +266,28 @@ def _transcript_entries(
                     f"transcript too long (over {MAX_TRANSCRIPT_BYTES} characters)",
                 )
             )
-            broken = True
-            break
-        if not broken:
-            starts.append(pos)
-            parts.append(text)
+            yield Entry(path, 1, None, issues)
+            return
+        starts.append(pos)
+        numbers.append(ln.number)
+        parts.append(text)
         pos += len(text)
-    if broken:
-        yield Entry(path, 1, None, issues)
-        return
     text = "".join(parts)
     # Whitespace around the whole file (the final newline, leading blank lines) is not the reply.
     lead = len(text) - len(text.lstrip())
-    body = text.strip()
-    rec = F.transcript_record(body, voices, strict)
+    # The rest is still checked when a line was unusable, so one run reports every problem.
+    rec = F.transcript_record(text.strip(), voices, strict)
 
     def line_of(offset: int | None) -> int:
         if offset is None or not starts:
             return 1
-        pos = offset + lead
-        lo, hi = 0, len(starts) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if starts[mid] <= pos:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo + 1
+        return numbers[max(0, bisect_right(starts, offset + lead) - 1)]
 
     issues.extend(
         Issue(path, line_of(p.offset), p.code, p.reason, p.severity) for p in rec.problems
     )
     issues.sort(key=lambda i: i.line)
-    yield Entry(path, 1, rec, issues)
+    yield Entry(path, 1, rec if usable else None, issues)
 
 
 def iter_entries(
