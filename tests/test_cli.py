@@ -89,7 +89,7 @@ def test_whitespace_only_segments_not_printed(
         ("bad.txt", ["parse", "{d}/bad.txt"], "bad.txt: byte 3: not valid UTF-8"),
         (None, ["parse", "{d}/ok.txt", "--voices", "nosuch"], "nosuch: unknown voice preset"),
         ("v.yaml", ["parse", "{d}/ok.txt", "--voices", "{d}/v.yaml"], "voices[0].color"),
-        ("broken.yaml", ["voices", "show", "{d}/broken.yaml"], "line 2: invalid YAML"),
+        ("broken.yaml", ["voices", "show", "{d}/broken.yaml"], "broken.yaml: line 3: invalid YAML"),
         (None, ["render", "{d}/missing.jsonl", "--out", "{d}/x.html"], "file not found"),
         ("trace.jsonl", ["render", "{d}/trace.jsonl", "--out", "{d}/x.html"], "trace.jsonl:2:"),
         (None, ["generate", "--backend", "openai", "--prompt", "hi"], "--base-url"),
