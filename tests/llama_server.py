@@ -1,9 +1,10 @@
 """Test helper: a real ``llama_cpp.server`` (OpenAI-compatible) on the embedded SmolLM2 GGUF.
 
-Use the session fixture from a test module::
+Use the session fixture ``llama_server`` from a test module (ruff-clean, no re-import)::
 
-    from llama_server import llama_server  # noqa: F401  (pytest fixture)
+    pytest_plugins = ["llama_server"]
 
+    @pytest.mark.model
     def test_x(llama_server: str) -> None: ...  # the base URL, ending in /v1
 
 or ``with running_llama_server() as base_url:`` outside pytest. The server runs as

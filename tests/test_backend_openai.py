@@ -295,8 +295,9 @@ def test_base_url_normalisation() -> None:
 # ----------------------------------------------------------------- recorded streams
 
 
-def test_openai_bytes_stream_telemetry_and_request_body(serve) -> None:
-    srv = serve(replay((FIX / "openai_chat_bytes.sse").read_bytes(), size=5))
+@pytest.mark.parametrize("size", [1, 5, 100_000], ids=["byte", "5B", "whole"])
+def test_openai_bytes_stream_telemetry_and_request_body(serve, size: int) -> None:
+    srv = serve(replay((FIX / "openai_chat_bytes.sse").read_bytes(), size=size))
     b = OpenAIBackend(base_url=srv.url, model="gpt-test", api_key="sk-test")
     req = GenerationRequest(
         messages=(Message("system", "be brief"), Message("user", "Привет 🙂")),
@@ -593,3 +594,38 @@ def test_completion_mode_rejects_chat_messages() -> None:
     toks, fin = run(b)
     assert toks == [] and fin.reason == "error" and "needs a prompt" in fin.message
     assert b.capabilities.chat is False and b.capabilities.logprobs is True
+
+
+def test_non_streaming_json_reply_is_accepted(serve) -> None:
+    reply = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "whole"},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+    body = json.dumps(reply, indent=2).encode()  # pretty-printed: not one line
+
+    def script(conn: socket.socket, req: Req, srv: RawServer) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+
+    srv = serve(script)
+    toks, fin = run(OpenAIBackend(base_url=srv.url, model="m"))
+    assert text(toks) == "whole" and toks[0].logprob is None
+    assert fin.reason == "length" and fin.usage["completion_tokens"] == 1
+
+
+def test_cancel_before_start_sends_nothing(serve) -> None:
+    srv = serve(endless())
+    cancel = threading.Event()
+    cancel.set()
+    toks, fin = run(OpenAIBackend(base_url=srv.url, model="m"), cancel=cancel)
+    assert toks == [] and fin.reason == "cancelled"
+    time.sleep(0.1)
+    assert srv.requests == []

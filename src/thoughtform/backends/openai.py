@@ -300,7 +300,8 @@ class ChunkAssembler:
     def feed(self, choice: dict[str, Any]) -> list[TokenEvent]:
         """TokenEvents for one ``choices[0]`` object."""
         if self.chat:
-            delta = choice.get("delta") or {}
+            # A server that ignores ``stream`` answers with one whole ``message``.
+            delta = choice.get("delta") or choice.get("message") or {}
             if not isinstance(delta, dict):
                 delta = {}
             reasoning = delta.get("reasoning_content")
@@ -422,7 +423,7 @@ class _Pump(threading.Thread):
                             break
                     self.q.put(("status", (r.status_code, r.reason_phrase, body)))
                     return
-                self.q.put(("open", r.status_code))
+                self.q.put(("open", r.headers.get("content-type", "")))
                 for part in r.iter_bytes():
                     if self._stop_flag.is_set():
                         return
@@ -614,10 +615,16 @@ class OpenAIBackend:
         except BackendError as e:
             yield FinishEvent("error", str(e))
             return
+        if cancel is not None and cancel.is_set():
+            yield FinishEvent("cancelled", "stopped by the user")
+            return
+        sent = time.perf_counter()  # the first-token clock starts when the request goes out
         run = _Run(t0, ChunkAssembler(n_top=n_top, chat=chat))
         pump = _Pump(self._client, url, body, self._headers())
         pump.start()
         clean = False
+        whole = False
+        buf = b""
         try:
             while True:
                 if cancel is not None and cancel.is_set():
@@ -626,7 +633,7 @@ class OpenAIBackend:
                     return
                 now = time.perf_counter()
                 if run.n == 0 and self.first_token_timeout is not None:
-                    deadline = t0 + self.first_token_timeout
+                    deadline = sent + self.first_token_timeout
                     late = f"no token within {self.first_token_timeout:g} s"
                 else:
                     deadline = run.last_data + self.timeout
@@ -649,9 +656,17 @@ class OpenAIBackend:
                     yield run.done("error", _describe_exc(payload, self.base_url, run.n))
                     return
                 if kind == "open":
+                    # Plain JSON (a server that does not stream) is parsed whole at the end.
+                    whole = payload.split(";")[0].strip().lower() == "application/json"
                     continue
                 run.last_data = time.perf_counter()
-                events = run.parser.feed(payload) if kind == "data" else run.parser.close()
+                if whole:
+                    if kind == "data":
+                        buf += payload
+                        continue
+                    events = [SSEEvent(buf.decode("utf-8", errors="replace"))] if buf else []
+                else:
+                    events = run.parser.feed(payload) if kind == "data" else run.parser.close()
                 for ev in events:
                     if cancel is not None and cancel.is_set():
                         break  # answered at the top of the loop
