@@ -1,0 +1,838 @@
+"""Hugging Face ``transformers`` backend: exact entropy, attention summaries and a logit lens.
+
+Runs its own token-by-token loop over the KV cache, so every step sees the full logits (exact
+logprobs and entropy), the attention rows and the hidden states. A GGUF (e.g. the embedded
+SmolLM2) is dequantized once and cached as safetensors, so later loads take about a second.
+
+Telemetry conventions:
+
+* ``logprob``/``top``/``entropy`` (nats) come from the full log-softmax of the model's logits
+  (plus ``logit_bias``) at temperature 1, before temperature/top-k/top-p shape the sampling.
+* Attention for generated token ``i`` is the head-averaged row of the query that *chose* it,
+  i.e. the last position before it: it covers absolute positions ``0 .. P+i-1`` where ``P`` is
+  the prompt length (``backend.prompt_tokens``). ``prompt_mass[l]`` is the mass on positions
+  ``< P``; ``segment_mass[l]`` the mass per bucket of earlier generated tokens, bucket
+  ``segment_of(j)`` for generated index ``j`` (default ``j // bucket_tokens``, 32 tokens), with
+  buckets under 1e-4 left out; ``top[l]`` the top-8 ``(absolute position, weight)``.
+  Memory per token is O(layers x (8 + buckets)), never O(tokens x heads).
+* ``lens[l]`` is the top-1 token of layer ``l``'s output through the final norm and lm_head
+  (the last entry is the model's own argmax, bias excluded).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models import resolve_model, user_cache_dir
+from ..trace import Alternative, AttentionSummary
+from .base import (
+    BackendError,
+    Capabilities,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    StreamEvent,
+    TokenEvent,
+    alt_text,
+)
+
+CACHE_FORMAT = 1  # bump when the cached layout changes, so stale caches are not reused
+MAX_ALTERNATIVES = 20
+TOP_POSITIONS = 8
+MIN_SEGMENT_MASS = 1e-4
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------- token bytes
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's ``bytes_to_unicode``: printable stand-in char -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _decoder_kinds(tokenizer: Any) -> set[str]:
+    """The ``tokenizers`` decoder types in use (e.g. ``{"ByteLevel"}``), empty if unknown."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    try:
+        # Only the decoder's own JSON: serialising the whole tokenizer takes ~0.4 s.
+        dec = json.loads(decoder.__getstate__())
+    except (ValueError, TypeError, AttributeError):
+        return {type(decoder).__name__}
+    kinds: set[str] = set()
+    stack = [dec]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            kinds.add(str(d.get("type")))
+            stack.extend(d.get("decoders") or [])
+    return kinds
+
+
+def token_bytes_table(tokenizer: Any) -> list[bytes]:
+    """Each token id's own bytes (byte-level BPE via the GPT-2 byte map; SentencePiece pieces
+    with ``▁`` and ``<0xNN>``; added/special tokens as their UTF-8 text)."""
+    n = len(tokenizer)
+    pieces: list[str | None] = tokenizer.convert_ids_to_tokens(list(range(n)))
+    added = {int(i): str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    kinds = _decoder_kinds(tokenizer)
+    byte_level = "ByteLevel" in kinds
+    # Stand-in char -> the latin-1 char of its byte, so translate+encode runs in C.
+    to_latin1 = {ord(c): b for c, b in _gpt2_byte_decoder().items()}
+    out: list[bytes] = []
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            out.append(b"")
+        elif i in added:
+            out.append(added[i].encode("utf-8"))
+        elif byte_level:
+            try:
+                out.append(piece.translate(to_latin1).encode("latin-1"))
+            except UnicodeEncodeError:  # a char outside the byte map: keep it as UTF-8
+                out.append(
+                    b"".join(
+                        bytes([to_latin1[ord(c)]]) if ord(c) in to_latin1 else c.encode("utf-8")
+                        for c in piece
+                    )
+                )
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                out.append(bytes([int(piece[3:5], 16)]))
+            except ValueError:
+                out.append(piece.encode("utf-8"))
+        else:
+            out.append(piece.replace("▁", " ").encode("utf-8"))
+    return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _gguf_cache_key(path: Path) -> str:
+    """Cache directory name for a GGUF: its stem plus a hash of name, size and mtime."""
+    st = path.stat()
+    h = hashlib.sha256(f"{CACHE_FORMAT}\0{path.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80]
+    return f"{stem}-{h.hexdigest()[:16]}"
+
+
+def gguf_cache_dir(path: Path, cache_dir: str | Path | None = None) -> Path:
+    """Where the safetensors conversion of GGUF ``path`` is (or will be) cached."""
+    base = Path(cache_dir).expanduser() if cache_dir else user_cache_dir() / "transformers"
+    return base / _gguf_cache_key(path)
+
+
+_DONE = "thoughtform-cache.json"  # written last: a directory without it is incomplete
+
+
+def _save_cache(model: Any, tokenizer: Any, target: Path, source: Path) -> bool:
+    """Write model + tokenizer as safetensors into ``target`` atomically; False on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        # A GGUF-loaded model still claims to be quantized; saving would then refuse or write
+        # a config that reloads through the GGUF path. The weights are plain tensors by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE).write_text(
+            json.dumps({"format": CACHE_FORMAT, "source": str(source)}), encoding="utf-8"
+        )
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process won the race (or target is stale): keep theirs if complete.
+            if not (target / _DONE).exists():
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+        return True
+    except OSError as e:
+        print(f"thoughtform: cannot cache converted model in {target}: {e}", file=sys.stderr)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Loaded:
+    """A loaded model with its tokenizer and how it was obtained."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str  # "gguf" (converted now), "cache", "dir" or "hub"
+    load_s: float
+    cache_path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(
+    spec: str | os.PathLike[str] | None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "eager",
+    cache_dir: str | Path | None = None,
+) -> Loaded:
+    """Load an HF model directory, a local hub id, or a GGUF (cached as safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise BackendError(f"unsupported dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
+    torch_dtype = getattr(torch, dtype)
+    t0 = time.perf_counter()
+    where = resolve_model(spec)
+    gguf: Path | None = None
+    if isinstance(where, Path):
+        if where.is_file():
+            if where.suffix.lower() != ".gguf":
+                raise BackendError(f"{where}: not a GGUF file or a model directory")
+            gguf = where
+        elif not (where / "config.json").exists():
+            ggufs = sorted(where.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise BackendError(f"{where}: no config.json and not exactly one .gguf file")
+            gguf = ggufs[0]
+    kw: dict[str, Any] = {"attn_implementation": attn_implementation}
+    model: Any
+    tok: Any
+    cache_path: Path | None = None
+    try:
+        if gguf is not None:
+            cache_path = gguf_cache_dir(gguf, cache_dir)
+            name = gguf.name
+            if (cache_path / _DONE).exists():
+                tok = AutoTokenizer.from_pretrained(cache_path)
+                model = AutoModelForCausalLM.from_pretrained(cache_path, dtype=torch_dtype, **kw)
+                source = "cache"
+            else:
+                # Dequantize to float32 once; the cache keeps full precision for any dtype.
+                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kw
+                )
+                _save_cache(model, tok, cache_path, gguf)
+                model = model.to(torch_dtype)
+                source = "gguf"
+        else:
+            local = isinstance(where, Path)
+            name = where.name if isinstance(where, Path) else str(where)
+            # No downloads at run time: a hub id must already be in the local HF cache.
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch_dtype, local_files_only=True, **kw
+            )
+            source = "dir" if local else "hub"
+    except BackendError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackendError(f"cannot load model {where}: {first}") from None
+    model.to(device)
+    model.eval()
+    return Loaded(model, tok, name, source, time.perf_counter() - t0, cache_path)
+
+
+# ---------------------------------------------------------------------------- streaming helpers
+
+
+class _Emitter:
+    """Decodes token bytes incrementally and holds back text that may begin a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending: list[TokenEvent] = []
+        self.stopped = False
+
+    def push(self, ev: TokenEvent, raw: bytes) -> list[TokenEvent]:
+        """Add one token (text computed here from ``raw``); return the tokens now safe to emit."""
+        text = self.dec.decode(raw)
+        self.pending.append(_replace_text(ev, text))
+        ptext = "".join(p.text for p in self.pending)
+        hit = min((k for k in (ptext.find(s) for s in self.stops) if k >= 0), default=-1)
+        if hit >= 0:
+            self.stopped = True
+            return self._cut(hit)
+        hold = 0
+        for n in range(min(len(ptext), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(ptext[-n:]) for s in self.stops):
+                hold = n
+                break
+        # A token ending inside a UTF-8 character stays pending so that, if the stream ends
+        # there, the flushed replacement char lands on it and not on a new, fake token.
+        partial = bool(self.dec.getstate()[0])
+        limit = len(ptext) - hold
+        out: list[TokenEvent] = []
+        pos = 0
+        for i, p in enumerate(self.pending):
+            end = pos + len(p.text)
+            if end > limit or (partial and i == len(self.pending) - 1):
+                break
+            out.append(p)
+            pos = end
+        del self.pending[: len(out)]
+        return out
+
+    def _cut(self, hit: int) -> list[TokenEvent]:
+        """Tokens before a stop string starting at ``hit``; a straddling one is truncated."""
+        out: list[TokenEvent] = []
+        pos = 0
+        for p in self.pending:
+            end = pos + len(p.text)
+            if end <= hit:
+                out.append(p)
+            elif pos < hit:
+                # Its bytes no longer match its text, so they are dropped (unknown).
+                out.append(_replace_text(p, p.text[: hit - pos], keep_bytes=False))
+                break
+            else:
+                break
+            pos = end
+        self.pending = []
+        return out
+
+    def flush(self) -> list[TokenEvent]:
+        """Everything still held, the decoder's tail (an incomplete char) on the last token."""
+        tail = self.dec.decode(b"", final=True)
+        out = self.pending
+        self.pending = []
+        if tail and out and not self.stopped:
+            out[-1] = _replace_text(out[-1], out[-1].text + tail)
+        return out
+
+
+def _replace_text(ev: TokenEvent, text: str, keep_bytes: bool = True) -> TokenEvent:
+    return TokenEvent(
+        text=text,
+        token_id=ev.token_id,
+        bytes=ev.bytes if keep_bytes else None,
+        logprob=ev.logprob,
+        top=ev.top,
+        entropy=ev.entropy,
+        attention=ev.attention,
+        lens=ev.lens,
+    )
+
+
+def _sample(logits: Any, temperature: float, top_k: int, top_p: float, gen: Any) -> int:
+    """Pick a token id: argmax at temperature 0, else temperature/top-k/top-p sampling."""
+    import torch
+
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = logits / temperature
+    if 0 < top_k < scores.numel():
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, -1)
+        # Drop tokens once the mass *before* them reaches top_p (the first is always kept).
+        drop = (torch.cumsum(probs, -1) - probs) >= top_p
+        scores = scores.clone()
+        scores[order[drop]] = float("-inf")
+    probs = torch.softmax(scores, -1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+# ---------------------------------------------------------------------------- backend
+
+
+class TransformersBackend:
+    """Generates with a local ``transformers`` causal LM, reporting full-logit telemetry."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        attention: bool = True,
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+        segment_of: Callable[[int], int] | None = None,
+        bucket_tokens: int = 32,
+    ) -> None:
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendError(
+                f"backend 'transformers' is not installed: {e.name} (pip install 'thoughtform[hf]')"
+            ) from None
+        if threads:
+            # Process-wide: on shared CPUs fewer threads avoid OpenMP spin-wait collapse.
+            torch.set_num_threads(int(threads))
+        self.device = device
+        self.dtype = dtype
+        self._attn_impl = "eager" if attention else "sdpa"
+        self.loaded = load_model(model, device, dtype, self._attn_impl, cache_dir)
+        self.model: Any = self.loaded.model
+        self.tokenizer: Any = self.loaded.tokenizer
+        self.model_name = self.loaded.name
+        #: Maps a generated token index to its attention bucket (e.g. its voice segment).
+        self.segment_of = segment_of
+        self.bucket_tokens = max(1, int(bucket_tokens))
+        #: Prompt length of the current/last stream: attention positions below it are prompt.
+        self.prompt_tokens = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._bytes = token_bytes_table(self.tokenizer)
+        self._eos = self._eos_ids()
+        self._norm, self._head = self._lens_modules()
+        self._cache_kw = self._cache_kwarg()
+        self.n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
+        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    # -- introspection
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Full logits: exact entropy, attention, logit lens, logit bias; no grammar."""
+        return Capabilities(
+            logprobs=True,
+            max_alternatives=MAX_ALTERNATIVES,
+            exact_entropy=True,
+            attention=True,
+            logit_lens=self._norm is not None and self._head is not None,
+            logit_bias=True,
+            grammar=False,
+            chat=bool(getattr(self.tokenizer, "chat_template", None)),
+            completion=True,
+        )
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end generation (ban them with ``logit_bias`` for fixed lengths)."""
+        return frozenset(self._eos)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            e = getattr(src, "eos_token_id", None)
+            ids.update([e] if isinstance(e, int) else (e or []))
+        if isinstance(self.tokenizer.eos_token_id, int):
+            ids.add(self.tokenizer.eos_token_id)
+        eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
+            ids.add(eot)
+        return ids
+
+    def _lens_modules(self) -> tuple[Any, Any]:
+        head = self.model.get_output_embeddings()
+        base = getattr(self.model, "base_model", self.model)
+        norm = next(
+            (getattr(base, n) for n in ("norm", "final_layernorm", "ln_f") if hasattr(base, n)),
+            None,
+        )
+        return norm, head
+
+    def _cache_kwarg(self) -> str:
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token id (empty for ids outside the tokenizer)."""
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+        """Token ids of the prompt: the chat template with a generation prompt, or raw text."""
+        tok = self.tokenizer
+        if request.is_chat:
+            if not getattr(tok, "chat_template", None):
+                raise BackendError(f"{self.model_name} has no chat template: use a raw prompt")
+            msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            # The template already holds any BOS/special markers.
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(tok(request.prompt or "")["input_ids"])
+            if not ids and tok.bos_token_id is not None:
+                ids = [int(tok.bos_token_id)]
+        if not ids:
+            raise BackendError("empty prompt and the tokenizer has no BOS token")
+        return [int(i) for i in ids]
+
+    # -- generation
+
+    def stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[StreamEvent]:
+        """Generate token by token, yielding TokenEvents then one FinishEvent."""
+        t0 = time.perf_counter()
+        # Wait for another stream on this model to finish, but give up when cancelled.
+        while not self._lock.acquire(timeout=0.05):
+            if cancel is not None and cancel.is_set():
+                yield FinishEvent("cancelled", "cancelled while waiting for the model")
+                return
+        try:
+            yield from self._run(request, cancel, t0)
+        except GeneratorExit:
+            return
+        finally:
+            self._lock.release()
+
+    def _run(
+        self, request: GenerationRequest, cancel: threading.Event | None, t0: float
+    ) -> Iterator[StreamEvent]:
+        import torch
+
+        s = request.sampling
+        emitter = _Emitter(s.stop)
+        n = 0
+        reason: FinishReason = "stop"
+        message = ""
+        timings: dict[str, float] = {}
+        prompt_len = 0
+        try:
+            if self._closed:
+                raise BackendError("backend is closed")
+            ids = self.encode_prompt(request)
+            prompt_len = self.prompt_tokens = len(ids)
+            if self.n_ctx and prompt_len >= self.n_ctx:
+                raise BackendError(f"prompt has {prompt_len} tokens; the context is {self.n_ctx}")
+            want_att = bool(request.attention)
+            want_lens = bool(request.logit_lens) and self.capabilities.logit_lens
+            if want_att and self.model.config._attn_implementation != "eager":
+                # SDPA cannot return attention weights; switch this model over for good.
+                self.model.set_attn_implementation("eager")
+                self._attn_impl = "eager"
+            k_alt = max(0, min(int(request.alternatives), MAX_ALTERNATIVES))
+            gen = torch.Generator(device=self.device)
+            if s.seed is not None:
+                gen.manual_seed(int(s.seed))
+            else:
+                gen.seed()
+            bias = self._bias_tensors(request.logit_bias)
+            limit = s.max_tokens if s.max_tokens and s.max_tokens > 0 else 0
+            with torch.inference_mode():
+                cache = self._new_cache()
+                tp = time.perf_counter()
+                if prompt_len > 1:
+                    # Prefill all but the last prompt token without attentions/hidden states
+                    # (those would be prompt^2 x heads x layers); the last one is step 0's input.
+                    self.model(
+                        input_ids=torch.tensor([ids[:-1]], device=self.device),
+                        use_cache=True,
+                        logits_to_keep=1,
+                        **{self._cache_kw: cache},
+                    )
+                timings["prompt_s"] = time.perf_counter() - tp
+                tg = time.perf_counter()
+                last = ids[-1]
+                gen_ids: list[int] = []
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        reason = "cancelled"
+                        break
+                    if limit and n >= limit:
+                        reason = "length"
+                        break
+                    if self.n_ctx and prompt_len + n >= self.n_ctx:
+                        reason, message = "length", "context full"
+                        break
+                    out = self.model(
+                        input_ids=torch.tensor([[last]], device=self.device),
+                        use_cache=True,
+                        output_attentions=want_att,
+                        output_hidden_states=want_lens,
+                        **{self._cache_kw: cache},
+                    )
+                    raw_logits = out.logits[0, -1].float()
+                    logits = raw_logits
+                    if bias is not None:
+                        logits = raw_logits.clone()
+                        logits.index_add_(0, bias[0], bias[1])
+                    tid = _sample(logits, s.temperature, s.top_k, s.top_p, gen)
+                    if tid in self._eos:
+                        reason = "stop"
+                        break
+                    ev = self._token_event(
+                        tid,
+                        logits,
+                        k_alt,
+                        self._attention(out.attentions, prompt_len, n) if want_att else None,
+                        self._lens(out.hidden_states, raw_logits) if want_lens else None,
+                    )
+                    gen_ids.append(tid)
+                    n += 1
+                    last = tid
+                    yield from emitter.push(ev, self.token_bytes(tid))
+                    if emitter.stopped:
+                        reason = "stop"
+                        break
+                timings["gen_s"] = time.perf_counter() - tg
+                del cache
+        except GeneratorExit:
+            raise
+        except Exception as e:  # any failure ends the stream, keeping what was generated
+            reason = "error"
+            message = f"{type(e).__name__}: {e}" if not isinstance(e, BackendError) else str(e)
+        yield from emitter.flush()
+        timings["total_s"] = time.perf_counter() - t0
+        if timings.get("gen_s"):
+            timings["tokens_per_s"] = n / timings["gen_s"]
+        yield FinishEvent(
+            reason,
+            message,
+            timings=timings,
+            usage={"prompt_tokens": prompt_len, "completion_tokens": n},
+        )
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    def _bias_tensors(self, logit_bias: dict[int, float]) -> tuple[Any, Any] | None:
+        import torch
+
+        if not logit_bias:
+            return None
+        vocab = int(self.model.config.vocab_size)
+        items = [(int(k), float(v)) for k, v in logit_bias.items() if 0 <= int(k) < vocab]
+        if not items:
+            return None
+        idx = torch.tensor([k for k, _ in items], device=self.device)
+        val = torch.tensor([v for _, v in items], device=self.device, dtype=torch.float32)
+        return idx, val
+
+    def _token_event(
+        self,
+        tid: int,
+        logits: Any,
+        k_alt: int,
+        attention: AttentionSummary | None,
+        lens: tuple[str, ...] | None,
+    ) -> TokenEvent:
+        import torch
+
+        logp = torch.log_softmax(logits, -1)
+        # Exact entropy over the whole vocabulary; entr() treats p=0 (banned tokens) as 0.
+        entropy = float(torch.special.entr(logp.exp()).sum())
+        top: tuple[Alternative, ...] = ()
+        if k_alt:
+            vals, idx = torch.topk(logp, k_alt)
+            top = tuple(
+                Alternative(alt_text(self.token_bytes(i)), lp, i, self.token_bytes(i))
+                for lp, i in zip(vals.tolist(), idx.tolist(), strict=True)
+            )
+        raw = self.token_bytes(tid)
+        return TokenEvent(
+            text="",  # set by the emitter's incremental UTF-8 decoder
+            token_id=tid,
+            bytes=raw,
+            logprob=float(logp[tid]),
+            top=top,
+            entropy=entropy,
+            attention=attention,
+            lens=lens,
+        )
+
+    def _attention(self, attentions: Any, prompt_len: int, n_gen: int) -> AttentionSummary | None:
+        """Compress this step's per-layer attention rows (see the module docstring)."""
+        import torch
+
+        if not attentions or attentions[0] is None:
+            return None
+        # (layers, positions): head-averaged row of the single query of this step.
+        rows = torch.stack([a[0, :, -1, :] for a in attentions]).float().mean(1)
+        seq = rows.shape[1]
+        prompt_mass = rows[:, :prompt_len].sum(1).tolist()
+        gen_rows = rows[:, prompt_len:]
+        g = gen_rows.shape[1]  # == n_gen: earlier generated tokens in the cache
+        segment_mass: list[list[tuple[int, float]]] = [[] for _ in range(rows.shape[0])]
+        if g:
+            if self.segment_of is None:
+                seg = torch.arange(g, device=rows.device) // self.bucket_tokens
+            else:
+                seg = torch.tensor([int(self.segment_of(j)) for j in range(g)], device=rows.device)
+            uniq, inv = torch.unique(seg, return_inverse=True)
+            mass = torch.zeros(rows.shape[0], len(uniq), device=rows.device)
+            mass.index_add_(1, inv, gen_rows)
+            ids = uniq.tolist()
+            for layer, ms in enumerate(mass.tolist()):
+                segment_mass[layer] = [
+                    (ids[i], m) for i, m in enumerate(ms) if m >= MIN_SEGMENT_MASS
+                ]
+        w, pos = torch.topk(rows, min(TOP_POSITIONS, seq), dim=1)
+        top = [list(zip(p, x, strict=True)) for p, x in zip(pos.tolist(), w.tolist(), strict=True)]
+        return AttentionSummary(segment_mass=segment_mass, top=top, prompt_mass=prompt_mass)
+
+    def _lens(self, hidden_states: Any, final_logits: Any) -> tuple[str, ...] | None:
+        """Top-1 token per layer through the final norm + lm_head."""
+        import torch
+
+        if not hidden_states:
+            return None
+        # hidden_states = (embeddings, layer 1 .. layer L); HF may store layer L already
+        # normed, so the last entry uses the model's own logits instead of renorming it.
+        inner = hidden_states[1:-1]
+        ids: list[int] = []
+        if inner:
+            h = torch.stack([x[0, -1] for x in inner])
+            ids = self._head(self._norm(h)).argmax(-1).tolist()
+        ids.append(int(torch.argmax(final_logits)))
+        return tuple(alt_text(self.token_bytes(i)) for i in ids)
+
+    def close(self) -> None:
+        """Free the model (waits for a running stream to finish)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.model = None
+            self.loaded.model = None
+            import gc
+
+            gc.collect()
+            with contextlib.suppress(Exception):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+_BENCH_PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
+
+
+def _deep_size(obj: Any, seen: set[int] | None = None) -> int:
+    """Approximate in-memory bytes of a nested structure of lists/tuples/dataclasses."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, list | tuple):
+        size += sum(_deep_size(x, seen) for x in obj)
+    elif hasattr(obj, "__slots__"):
+        size += sum(_deep_size(getattr(obj, a), seen) for a in obj.__slots__ if hasattr(obj, a))
+    return size
+
+
+def _bench_one(
+    mode: str, tokens: int, model: str | None, threads: int | None, cache_dir: str | None
+) -> dict[str, Any]:
+    """One benchmark mode in this process: load, warm up, generate ``tokens`` greedily."""
+    import resource
+
+    from .base import Message, Sampling
+
+    att = mode in ("attention", "full")
+    lens = mode in ("lens", "full")
+    t0 = time.perf_counter()
+    be = TransformersBackend(model, attention=att, threads=threads, cache_dir=cache_dir)
+    load_s = time.perf_counter() - t0
+    rss_loaded = _rss_mb()
+    # EOS is banned so every run produces exactly ``tokens`` tokens.
+    req = GenerationRequest(
+        messages=(Message("user", _BENCH_PROMPT),),
+        sampling=Sampling(temperature=0, max_tokens=tokens),
+        attention=att,
+        logit_lens=lens,
+        logit_bias=dict.fromkeys(be.eos_token_ids, float("-inf")),
+    )
+    warm = GenerationRequest(
+        messages=req.messages, sampling=Sampling(temperature=0, max_tokens=4), attention=att
+    )
+    list(be.stream(warm))
+    evs = list(be.stream(req))
+    fin = evs[-1]
+    assert isinstance(fin, FinishEvent)
+    toks = [e for e in evs if isinstance(e, TokenEvent)]
+    res: dict[str, Any] = {
+        "mode": mode,
+        "tokens": len(toks),
+        "tokens_per_s": round(fin.timings.get("tokens_per_s", 0.0), 2),
+        "prompt_tokens": fin.usage.get("prompt_tokens"),
+        "load_s": round(load_s, 2),
+        "load_source": be.loaded.source,
+        "rss_loaded_mb": round(rss_loaded, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "threads": __import__("torch").get_num_threads(),
+    }
+    summaries = [e.attention for e in toks if e.attention is not None]
+    if summaries:
+        res["attention_json_bytes_per_token"] = round(
+            sum(len(json.dumps(a.to_dict(), separators=(",", ":"))) for a in summaries)
+            / len(summaries)
+        )
+        res["attention_mem_bytes_per_token"] = round(
+            sum(_deep_size(a) for a in summaries) / len(summaries)
+        )
+    return res
+
+
+def bench_transformers(
+    tokens: int = 64,
+    model: str | None = None,
+    modes: tuple[str, ...] = ("plain", "attention", "full"),
+    threads: int | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Tok/s, load time and peak RSS per mode (``plain`` = SDPA, ``attention`` = eager with
+    attention capture, ``lens``, ``full`` = attention + lens), each in a fresh subprocess so
+    peak RSS is per mode."""
+    import subprocess
+
+    results: dict[str, Any] = {"tokens": tokens, "model": model or "embedded", "modes": {}}
+    for mode in modes:
+        code = (
+            "import json,sys;from thoughtform.backends.transformers import _bench_one as b;"
+            "print(json.dumps(b(*json.loads(sys.argv[1]))))"
+        )
+        args = json.dumps([mode, tokens, model, threads, cache_dir])
+        proc = subprocess.run(
+            [sys.executable, "-c", code, args], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            results["modes"][mode] = {"error": tail}
+            continue
+        results["modes"][mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
