@@ -98,7 +98,7 @@ TOPICS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("my unfinished quilt", "quilt", ("finish", "unpick", "give away")),
     ("the telescope on the roof", "telescope", ("set up", "sell", "clean")),
     ("the mural on our street", "mural", ("repaint", "sign", "defend")),
-    ("a plot at the allotments", "allotment", ("rent", "give up", "share")),
+    ("a plot at the town allotment", "allotment", ("rent", "give up", "share")),
     ("the residents' meeting next month", "residents", ("chair", "skip", "speak at")),
     ("the guitar under my bed", "guitar", ("sell", "restring", "play")),
     ("my grandmother's ring", "ring", ("wear", "resize", "keep")),

@@ -119,19 +119,22 @@ class Grammar:
         return _SLOT.sub(fill, template)
 
 
-def _quote(rng: random.Random, text: str) -> str:
-    """A 3-6 word fragment of the user's words that starts and ends on content words."""
+def _quote(rng: random.Random, text: str, topic: str) -> str:
+    """A 3-6 word fragment of the user's words, on content words, touching the topic."""
     words = [w.strip('.,?!:;"') for w in text.split()]
     words = [w for w in words if w]
+    key = {w.lower() for w in topic.split() if w.lower() not in _STOP and len(w) > 2}
     spans = [
         (i, j)
         for i in range(len(words))
         for j in range(i + 3, min(i + 6, len(words)) + 1)
         if words[i].lower() not in _STOP and words[j - 1].lower() not in _STOP
     ]
-    if not spans:
+    # Echo quotes what the message is about, not "Did I get".
+    about = [(i, j) for i, j in spans if key & {w.lower() for w in words[i:j]}]
+    if not (about or spans):
         return " ".join(words[-4:])
-    i, j = rng.choice(spans)
+    i, j = rng.choice(about or spans)
     return " ".join(words[i:j])
 
 
@@ -168,7 +171,7 @@ def _prompt(g: Grammar, pool: list[tuple[str, str, tuple[str, ...]]]) -> _Prompt
         "keyword": keyword,
         "verb": verb,
         "verb_ing": gerund(verb),
-        "quote": _quote(rng, body),
+        "quote": _quote(rng, body, phrase),
         # One person and feeling per conversation, so the voices agree with each other.
         "person": user["p_person"],
         "feeling": user["p_feeling"],
