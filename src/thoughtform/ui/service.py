@@ -246,10 +246,10 @@ class Workbench:
         name = s["backend"]
         opts: dict[str, Any] = {}
         if name == "replay":
-            # The replay file is fixed at start: a path typed into the page must not read files.
-            if not self.config.replay:
-                raise WorkbenchError("the replay backend needs serve --replay FILE")
-            opts = {"path": self.config.replay, "rate": self.config.replay_rate}
+            opts = {
+                "path": str(self.replay_path(s.get("model") or "")),
+                "rate": self.config.replay_rate,
+            }
         elif name == "llamacpp":
             model = s.get("model") or None
             if model and not str(model).lower().endswith(".gguf"):
@@ -275,6 +275,30 @@ class Workbench:
                     raise WorkbenchError(f"backend {name!r}: {e}") from None
                 self._backends[key] = b
             return b
+
+    def replay_files(self) -> list[str]:
+        """Names of the recordings a ``--replay DIR`` offers (empty for a single file)."""
+        d = Path(self.config.replay or "")
+        if not self.config.replay or not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def replay_path(self, choice: str) -> Path:
+        """The file to replay: the ``--replay`` file, or a file picked by name inside the
+        ``--replay`` directory (a name typed into the page can never reach another path)."""
+        if not self.config.replay:
+            raise WorkbenchError("the replay backend needs serve --replay FILE_OR_DIR")
+        root = Path(self.config.replay)
+        if not root.is_dir():
+            return root
+        files = self.replay_files()
+        if choice in files:
+            return root / choice
+        if not choice and files:
+            return root / files[0]
+        raise WorkbenchError(
+            f"no recording {choice[:80]!r} here (choose one of: {', '.join(files)[:300]})"
+        )
 
     def close(self) -> None:
         """Stop replies, release backends and the database."""
@@ -394,6 +418,13 @@ class Workbench:
                     run.join(10)
                 if self.active.get(info.id) is run:
                     del self.active[info.id]
+                if run.done:
+                    # The cached encoder now includes both new messages: the next send in
+                    # this session needs no re-encoding.
+                    with self._elock:
+                        got = self._encoders.get(info.id)
+                        if got is not None and got[0] is run.encoder:
+                            self._encoders[info.id] = (got[0], got[1] + 2, got[2])
             lock.release()
 
     def stop(self, sid: str | None) -> bool:

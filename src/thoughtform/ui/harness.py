@@ -1,0 +1,174 @@
+"""Drive a real workbench from Python (browser tests, ``bench ui``, screenshots): start
+``python -m thoughtform.ui`` on a free loopback port, open it in Chromium through Playwright.
+
+Playwright itself is passed in by the caller, so importing this module stays light."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """The workbench in a child process (killable, restartable on the same database)."""
+
+    def __init__(
+        self,
+        db: Path,
+        replay: Path | None = None,
+        model: str | None = "voices.jsonl",
+        rate: float = 80.0,
+        backend: str | None = None,
+        voices: str = "seed",
+        port: int | None = None,
+        timeout: float = 90.0,
+    ) -> None:
+        self.db = db
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        cmd = [sys.executable, "-m", "thoughtform.ui", "--db", str(db), "--port", str(self.port)]
+        cmd += ["--voices", voices, "--rate", str(rate)]
+        if replay is not None:
+            cmd += ["--replay", str(replay)]
+        if model is not None:
+            cmd += ["--model", model]
+        if backend is not None:
+            cmd += ["--backend", backend]
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        self.log = db.with_suffix(f".{self.port}.log")
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"server did not start: {self.log.read_text(errors='replace')[-2000:]}"
+                )
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, like a crash."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        """Terminate politely."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+def launch(pw: Any) -> Any:
+    """Debian's Chromium through Playwright."""
+    return pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def open_page(browser: Any, url: str, width: int = 1400, height: int = 1000) -> Any:
+    """A fresh page on the workbench, once its renderer shows a session."""
+    ctx = browser.new_context(viewport={"width": width, "height": height})
+    page = ctx.new_page()
+    page.errors = []  # type: ignore[attr-defined]
+    page.dialogs = []  # type: ignore[attr-defined]
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+
+    def on_dialog(d: Any) -> None:
+        page.dialogs.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(url)
+    page.wait_for_function(
+        "() => { const w = document.querySelector('#tf-wb'); return w && w.dataset.session; }",
+        timeout=60_000,
+    )
+    return page
+
+
+def session_of(page: Any) -> str:
+    """The session the page shows."""
+    return str(page.evaluate("document.querySelector('#tf-wb').dataset.session"))
+
+
+def new_session(page: Any) -> str:
+    """Click "New session" and wait until the renderer shows it."""
+    old = session_of(page)
+    page.click("#new-session")
+    page.wait_for_function(
+        "(old) => document.querySelector('#tf-wb').dataset.session !== old", arg=old, timeout=30_000
+    )
+    return session_of(page)
+
+
+def send(page: Any, text: str) -> None:
+    """Type a message and press Enter."""
+    box = page.locator("#prompt textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def wait_replies(page: Any, n: int, timeout: float = 60_000) -> None:
+    """Wait until ``n`` replies have ended (done, stopped or failed)."""
+    page.wait_for_function(
+        "(n) => document.querySelectorAll("
+        "'#tf-wb .tf-msg[data-role=assistant]:not([data-status=streaming])').length >= n",
+        arg=n,
+        timeout=timeout,
+    )
+
+
+def blocks(page: Any, role: str = "assistant") -> list[dict[str, Any]]:
+    """Voice blocks of the last message with ``role``: voice, colour, text."""
+    return list(
+        page.evaluate(
+            """(role) => {
+              const ms = document.querySelectorAll(`#tf-wb .tf-msg[data-role=${role}]`);
+              const m = ms[ms.length - 1];
+              if (!m) return [];
+              return Array.from(m.querySelectorAll('.tf-block')).map(b => ({
+                voice: b.dataset.voice,
+                color: getComputedStyle(b).borderLeftColor,
+                text: b.querySelector('.tf-body').innerText,
+                visible: b.offsetParent !== null,
+              }));
+            }""",
+            role,
+        )
+    )

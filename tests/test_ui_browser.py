@@ -1,0 +1,333 @@
+"""The workbench in real Chromium (Playwright) against a real server process (replay backend)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from thoughtform.trace import load_trace
+from thoughtform.ui.harness import (
+    Server,
+    blocks,
+    launch,
+    new_session,
+    open_page,
+    send,
+    session_of,
+    wait_replies,
+)
+
+pytestmark = pytest.mark.browser
+playwright = pytest.importorskip("playwright.sync_api")
+
+FIX = Path(__file__).parent / "fixtures" / "ui"
+SEED_ORDER = ["Echo", "Doubt", "Pulse", "Glimmer", "Shift"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ui")
+
+
+@pytest.fixture(scope="module")
+def server(workdir: Path) -> Iterator[Server]:
+    srv = Server(workdir / "sessions.db", replay=FIX, model="voices.jsonl", rate=80.0)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright.sync_playwright() as pw:
+        br = launch(pw)
+        yield br
+        br.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: Server) -> Iterator[Any]:
+    pg = open_page(browser, server.url)
+    new_session(pg)
+    yield pg
+    assert pg.errors == [], pg.errors
+    pg.context.close()
+
+
+def set_replay(page: Any, name: str) -> None:
+    """Pick another recording for this session in the Settings tab."""
+    page.get_by_role("tab", name="Settings").click()
+    page.locator("#set-model input, #set-model textarea").first.fill(name)
+    page.click("#save-settings")
+    page.get_by_text("Settings saved").first.wait_for(timeout=10_000)
+    page.get_by_role("tab", name="Workbench").click()
+
+
+def test_voice_blocks_appear_while_streaming_with_distinct_colours(page: Any) -> None:
+    send(page, "Will the rain stop?")
+    # The first voice block is on screen before the reply has finished.
+    page.wait_for_selector(
+        "#tf-wb .tf-msg[data-role=assistant][data-status=streaming] .tf-block[data-voice=Echo]",
+        timeout=30_000,
+    )
+    wait_replies(page, 1)
+    got = blocks(page)
+    assert [b["voice"] for b in got] == SEED_ORDER
+    assert got[0]["text"] == "You asked whether the rain will stop. It will, slowly."
+    colours = [b["color"] for b in got]
+    assert len(set(colours)) == len(colours)
+    # The unknown voice joined the legend with its own colour.
+    legend = page.eval_on_selector_all("#tf-wb .tf-leg", "bs => bs.map(b => b.dataset.voice)")
+    assert "Glimmer" in legend and legend[:8] == [
+        "Echo",
+        "Resonance",
+        "Inner",
+        "Thread",
+        "Role",
+        "Pulse",
+        "Doubt",
+        "Shift",
+    ]
+    # The user's own message went through the same parser.
+    send(page, "plain start\n[Doubt] is it, though?")
+    wait_replies(page, 2)
+    user = blocks(page, "user")
+    assert [b["voice"] for b in user] == ["main", "Doubt"]
+    assert user[1]["text"] == "is it, though?"
+    assert page.input_value("#prompt textarea") == ""
+
+
+def test_legend_hides_and_shows_a_voice(page: Any) -> None:
+    send(page, "go")
+    wait_replies(page, 1)
+    page.click("#tf-wb .tf-leg[data-voice=Doubt]")
+    vis = {b["voice"]: b["visible"] for b in blocks(page)}
+    assert vis == {"Echo": True, "Doubt": False, "Pulse": True, "Glimmer": True, "Shift": True}
+    assert page.get_attribute("#tf-wb .tf-leg[data-voice=Doubt]", "aria-pressed") == "false"
+    # A reply that streams while the voice is hidden keeps it hidden.
+    send(page, "again")
+    wait_replies(page, 2)
+    assert [b["visible"] for b in blocks(page) if b["voice"] == "Doubt"] == [False]
+    page.click("#tf-wb .tf-leg[data-voice=Doubt]")
+    assert all(b["visible"] for b in blocks(page))
+
+
+def test_token_popover_shows_alternatives(page: Any) -> None:
+    send(page, "go")
+    wait_replies(page, 1)
+    page.click("#tf-wb .tf-viewtab[data-view=tokens]")
+    trace = load_trace(FIX / "voices.jsonl")
+    n = page.locator("#tf-wb .tf-tok").count()
+    assert n == len(trace.tokens)
+    i = 7
+    tok = page.locator(f"#tf-wb .tf-tok[data-token-index='{i}']")
+    assert tok.inner_text() == trace.tokens[i].text.replace("\n", "↵\n")
+    tok.hover()
+    pop = page.locator("#tf-wb .tf-pop")
+    pop.wait_for(state="visible")
+    rows = pop.locator(".tf-alt")
+    assert rows.count() == 5
+    texts = [rows.nth(k).locator(".tf-alt-text").inner_text() for k in range(5)]
+    assert texts == [a.text for a in trace.tokens[i].top]
+    import math
+
+    want = [
+        f"{math.exp(a.logprob) * 100:.1f}%" for a in trace.tokens[i].top if a.logprob is not None
+    ]
+    assert [rows.nth(k).locator(".tf-alt-p").inner_text() for k in range(5)] == want
+    assert "tf-chosen" in (rows.nth(0).get_attribute("class") or "")
+    # Shading follows the chosen token's probability, then its entropy.
+    shade_p = float(tok.get_attribute("data-shade") or "nan")
+    p = math.exp(trace.tokens[i].logprob or 0)
+    assert shade_p == pytest.approx((1 - p) * 0.85, abs=2e-3)
+    page.click("#tf-wb .tf-mode[data-mode=entropy]")
+    shade_e = float(tok.get_attribute("data-shade") or "nan")
+    assert shade_e == pytest.approx(min(1, (trace.tokens[i].entropy or 0) / 4) * 0.85, abs=2e-3)
+    # Stats view: one row per voice with its token count.
+    page.click("#tf-wb .tf-viewtab[data-view=stats]")
+    counts = page.eval_on_selector_all(
+        "#tf-wb .tf-stattab tr[data-voice]",
+        "rs => rs.map(r => [r.dataset.voice, +r.children[1].textContent])",
+    )
+    assert sum(c for _, c in counts) == len(trace.tokens)
+    assert page.locator("#tf-wb .tf-mx-cell[data-from=Echo][data-to=Doubt]").inner_text() == "1"
+
+
+def test_lane_click_scrolls_chat_to_block(page: Any) -> None:
+    for k in range(3):
+        send(page, f"message {k}")
+        wait_replies(page, k + 1)
+    page.click("#tf-wb .tf-viewtab[data-view=lanes]")
+    lanes = page.eval_on_selector_all("#tf-wb .tf-lane", "ls => ls.map(l => l.dataset.voice)")
+    assert lanes[:3] == ["main", "Echo", "Doubt"] or "Echo" in lanes
+    spans = page.locator("#tf-wb .tf-lane[data-voice=Doubt] .tf-span")
+    assert spans.count() == 3  # one Doubt run per reply on the shared axis
+    starts = [int(spans.nth(k).get_attribute("data-start") or -1) for k in range(3)]
+    assert starts == sorted(starts) and starts[1] > starts[0] + 10
+    spans.nth(0).click()
+    assert page.locator("#tf-wb .tf-chat").is_visible()
+    first_doubt = page.locator("#tf-wb .tf-msg[data-role=assistant]").first.locator(
+        ".tf-block[data-voice=Doubt]"
+    )
+    assert "tf-flash" in (first_doubt.get_attribute("class") or "")
+    box = first_doubt.bounding_box()
+    chat = page.locator("#tf-wb .tf-chat").bounding_box()
+    assert box and chat and chat["y"] <= box["y"] <= chat["y"] + chat["height"]
+
+
+def test_stop_button_stops_and_keeps_partial_reply(page: Any, server: Server) -> None:
+    set_replay(page, "long.txt")
+    send(page, "talk for a long time")
+    page.wait_for_function("+document.querySelector('#tf-wb').dataset.tokens >= 20", timeout=30_000)
+    page.click("#stop")
+    wait_replies(page, 1, timeout=5_000)
+    status = page.get_attribute("#tf-wb .tf-msg[data-role=assistant]", "data-status")
+    assert status == "cancelled"
+    shown = int(page.evaluate("document.querySelector('#tf-wb').dataset.tokens"))
+    assert 20 <= shown < 1000
+    assert "interrupted" in page.inner_text("#tf-wb .tf-msg[data-role=assistant] .tf-badge")
+    # The backend is free: the next message streams at once.
+    set_replay(page, "voices.jsonl")
+    send(page, "and now?")
+    wait_replies(page, 2)
+    assert [b["voice"] for b in blocks(page)] == SEED_ORDER
+
+
+def test_hostile_transcript_runs_nothing(page: Any, server: Server) -> None:
+    set_replay(page, "hostile.jsonl")
+    send(
+        page,
+        '<img src=x onerror="window.__pwned=20">\n[<b>x</b>] <script>window.__pwned=21</script>',
+    )
+    wait_replies(page, 1)
+    page.locator("#session-title input, #session-title textarea").first.fill(
+        '<img src=x onerror="window.__pwned=22">'
+    )
+    page.click("#rename")
+    time.sleep(0.5)
+    for view in ("tokens", "lanes", "stats", "chat"):
+        page.click(f"#tf-wb .tf-viewtab[data-view={view}]")
+        if view == "tokens":
+            for k in range(0, 40, 3):
+                page.locator(f"#tf-wb .tf-tok[data-token-index='{k}']").hover()
+            page.locator("#tf-wb .tf-tok[data-token-index='3']").click()  # logprob None
+    time.sleep(0.3)
+    assert page.evaluate("window.__pwned") is None
+    assert page.dialogs == []
+    bad = page.evaluate(
+        """() => {
+          const w = document.querySelector('#tf-wb');
+          const tags = w.querySelectorAll('script, img, svg, iframe, style, object, embed, a, b, link, meta');
+          const on = Array.from(w.querySelectorAll('*')).filter(
+            e => Array.from(e.attributes).some(a => a.name.startsWith('on')));
+          const side = document.querySelectorAll('img[src=x], body script:not([src])').length;
+          return [tags.length, on.length, side];
+        }"""
+    )
+    assert bad[0] == 0 and bad[1] == 0
+    text = page.inner_text("#tf-wb .tf-chat")
+    assert "<script>window.__pwned=1</script>" in text  # shown as text, verbatim
+    assert "onerror" in text
+    # A voice called like a CSS class is a voice, not a style hook.
+    assert page.locator("#tf-wb .tf-block[data-voice='tf-block']").count() == 1
+    # The stats table and the popover showed hostile alternatives as text.
+    page.click("#tf-wb .tf-viewtab[data-view=tokens]")
+    page.locator("#tf-wb .tf-tok[data-token-index='5']").hover()
+    alt_texts = page.eval_on_selector_all(
+        "#tf-wb .tf-pop .tf-alt-text", "ts => ts.map(t => t.textContent)"
+    )
+    assert '<img src=x onerror="window.__pwned=9">' in alt_texts and "<empty>" in alt_texts
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_session_survives_server_restart(browser: Any, workdir: Path) -> None:
+    db = workdir / "restart.db"
+    srv = Server(db, replay=FIX, model="voices.jsonl", rate=80.0)
+    try:
+        pg = open_page(browser, srv.url)
+        sid = new_session(pg)
+        send(pg, "remember this")
+        wait_replies(pg, 1)
+        before = blocks(pg)
+        set_replay(pg, "long.txt")
+        send(pg, "and a long one")
+        pg.wait_for_function(
+            "+document.querySelector('#tf-wb').dataset.tokens >= 150", timeout=30_000
+        )
+        srv.kill()  # SIGKILL mid-reply
+        pg.context.close()
+    finally:
+        srv.kill()
+    con = sqlite3.connect(db)
+    status, n = con.execute(
+        "SELECT m.status, (SELECT COUNT(*) FROM tokens t WHERE t.message_id=m.id) FROM messages m "
+        "WHERE session_id=? ORDER BY seq DESC LIMIT 1",
+        (sid,),
+    ).fetchone()
+    con.close()
+    assert status == "streaming" and n >= 150 - 79 - 20  # at most ~100 ms of tokens lost
+    srv2 = Server(db, replay=FIX, model="voices.jsonl", rate=80.0)
+    try:
+        pg = open_page(browser, srv2.url + f"?session={sid}")
+        assert session_of(pg) == sid
+        msgs = pg.eval_on_selector_all(
+            "#tf-wb .tf-msg", "ms => ms.map(m => [m.dataset.role, m.dataset.status])"
+        )
+        assert msgs == [
+            ["user", "done"],
+            ["assistant", "done"],
+            ["user", "done"],
+            ["assistant", "interrupted"],
+        ]
+        first = pg.locator("#tf-wb .tf-msg[data-role=assistant]").first
+        got = first.locator(".tf-block").evaluate_all("bs => bs.map(b => b.dataset.voice)")
+        assert got == [b["voice"] for b in before]
+        shown = int(pg.evaluate("document.querySelector('#tf-wb').dataset.tokens"))
+        assert shown == 79 + n
+        pg.context.close()
+    finally:
+        srv2.stop()
+
+
+def test_two_tabs_one_session(browser: Any, server: Server) -> None:
+    a = open_page(browser, server.url)
+    sid = new_session(a)
+    b = open_page(browser, server.url + f"?session={sid}")
+    send(a, "from tab a")
+    wait_replies(a, 1)
+    send(b, "from tab b")  # b has not seen a's messages: it is brought up to date first
+    wait_replies(b, 2)
+    roles = b.eval_on_selector_all("#tf-wb .tf-msg", "ms => ms.map(m => m.dataset.role)")
+    assert roles == ["user", "assistant", "user", "assistant"]
+    con = sqlite3.connect(server.db)
+    seqs = [
+        r[0]
+        for r in con.execute("SELECT seq FROM messages WHERE session_id=? ORDER BY seq", (sid,))
+    ]
+    con.close()
+    assert seqs == [0, 1, 2, 3]
+    assert a.errors == [] and b.errors == []
+    a.context.close()
+    b.context.close()
+
+
+def test_payloads_do_not_grow_with_history(page: Any) -> None:
+    """What the server sends per reply stays the same as the session grows: only new events."""
+    page.evaluate(
+        """() => { const wb = window.thoughtform.current; const orig = wb.receive.bind(wb);
+                  window.__bytes = 0; wb.receive = (raw) => { window.__bytes += raw.length; orig(raw); }; }"""
+    )
+    per_reply = []
+    for k in range(4):
+        page.evaluate("window.__bytes = 0")
+        send(page, "same length message")
+        wait_replies(page, k + 1)
+        per_reply.append(page.evaluate("window.__bytes"))
+    # The 4th reply (3 replies of history) costs what the 1st did, within the size of the
+    # stats event and message ids.
+    assert per_reply[3] <= per_reply[0] * 1.05, per_reply
+    assert per_reply[0] < 60_000

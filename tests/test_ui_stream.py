@@ -1,0 +1,305 @@
+"""The workbench without a browser: streaming payloads, persistence while streaming, stop,
+gap fetches, reset == live, colours, export/import, attention, exposure rules."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from thoughtform.trace import load_trace
+from thoughtform.ui.colors import VoiceColors, safe_hex
+from thoughtform.ui.config import ConfigError, ServeConfig, check_exposure, is_loopback
+from thoughtform.ui.export import import_file, reply_trace, safe_filename, session_markdown
+from thoughtform.ui.service import Tab, Workbench
+from thoughtform.voices import PALETTE, PRESETS
+
+FIX = Path(__file__).parent / "fixtures" / "ui"
+
+
+def make_wb(tmp_path: Path, replay: str = "voices.jsonl", rate: float = 0.0) -> Workbench:
+    cfg = ServeConfig(
+        backend="replay", replay=str(FIX / replay), db=str(tmp_path / "s.db"), replay_rate=rate
+    )
+    return Workbench(cfg)
+
+
+def collect(wb: Workbench, tab: Tab, text: str) -> tuple[list[dict[str, Any]], Tab]:
+    out = []
+    last = tab
+    for pl, t in wb.send(tab, text):
+        out.append(json.loads(pl))
+        last = t
+    return out, last
+
+
+def flat(payloads: list[dict[str, Any]]) -> list[list[Any]]:
+    return [e for p in payloads for e in p["ev"]]
+
+
+def reply_events(evs: list[list[Any]], role: str = "assistant") -> list[list[Any]]:
+    """Events of the last message with ``role`` (from its M to the next M or the end)."""
+    starts = [i for i, e in enumerate(evs) if e[0] == "M" and e[2] == role]
+    i = starts[-1]
+    j = next((k for k in range(i + 1, len(evs)) if evs[k][0] == "M"), len(evs))
+    return [e for e in evs[i:j] if e[0] != "S"]
+
+
+def test_send_streams_blocks_tokens_and_stats(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path)
+    _, tab = wb.reset_payload(None)
+    payloads, tab2 = collect(wb, tab, "Will it rain?\n[Doubt] I wonder.")
+    evs = flat(payloads)
+    # Run payloads carry a contiguous log: from == sum of the previous lengths.
+    pos = 0
+    for p in payloads:
+        assert p["run"] and p["from"] == pos
+        pos += len(p["ev"])
+    user = reply_events(evs, "user")
+    assert [e[1] for e in user if e[0] == "O"] == ["main", "Doubt"]
+    rep = reply_events(evs)
+    assert [e[1] for e in rep if e[0] == "O" and e[3]] == [
+        "Echo",
+        "Doubt",
+        "Pulse",
+        "Glimmer",
+        "Shift",
+    ]
+    ks = [e for e in rep if e[0] == "K"]
+    trace = load_trace(FIX / "voices.jsonl")
+    assert [k[1] for k in ks] == list(range(len(trace.tokens)))
+    assert "".join(k[2] for k in ks) == trace.text
+    assert all(len(k[6]) == 5 for k in ks)
+    assert rep[-1][:2] == ["E", "done"]
+    colors = {e[1]: e[2] for e in rep if e[0] == "O"}
+    assert len(set(colors.values())) == len(colors)  # every voice its own colour
+    assert colors["Glimmer"] not in PALETTE  # the unknown voice does not reuse a seed colour
+    stats = evs[-1]
+    assert stats[0] == "S" and sum(r[1] for r in stats[1]) == len(trace.tokens)
+    order, matrix = stats[2]
+    assert order[:2] == ["Echo", "Doubt"] and matrix[0][1] == 1
+    assert tab2.known == 2
+    msgs = wb.store.messages(tab.sid or "")
+    assert msgs[1].status == "done" and msgs[1].text == trace.text
+    assert len(msgs[1].tokens) == len(trace.tokens)
+    wb.close()
+
+
+def test_reset_replays_exactly_what_streamed(tmp_path: Path) -> None:
+    """Reopening a session rebuilds the same blocks, text pieces and token events."""
+    wb = make_wb(tmp_path)
+    _, tab = wb.reset_payload(None)
+    live, tab = collect(wb, tab, "first")
+    live2, tab = collect(wb, tab, "second")
+    pl, _ = wb.reset_payload(tab.sid)
+    reset = json.loads(pl)["ev"]
+    assert reset[0] == ["R"]
+    live_msgs = [e for e in flat(live) + flat(live2) if e[0] in "MOTCKE"]
+    reset_msgs = [e for e in reset if e[0] in "MOTCKE"]
+    # Status of the assistant M differs (streaming live, done on reload); the rest is identical.
+    norm = lambda evs: [e[:3] if e[0] == "M" else e for e in evs]  # noqa: E731
+    assert norm(reset_msgs) == norm(live_msgs)
+    # Global token indices continue across replies.
+    ks = [e[1] for e in reset if e[0] == "K"]
+    assert ks == list(range(len(ks)))
+    wb.close()
+
+
+def test_tokens_are_saved_while_streaming(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path, rate=60.0)
+    _, tab = wb.reset_payload(None)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            msgs = wb.store.messages(tab.sid or "")
+            if len(msgs) == 2 and msgs[1].status == "streaming":
+                seen.append(len(msgs[1].tokens))
+            time.sleep(0.05)
+
+    th = threading.Thread(target=watch)
+    th.start()
+    collect(wb, tab, "go")
+    done.set()
+    th.join()
+    total = len(load_trace(FIX / "voices.jsonl").tokens)
+    partial = [n for n in seen if 0 < n < total]
+    assert len(set(partial)) >= 3, seen  # rows arrived in several batches before the end
+    wb.close()
+
+
+def test_stop_ends_reply_at_once_and_keeps_it(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path, rate=40.0)
+    _, tab = wb.reset_payload(None)
+    gen = wb.send(tab, "go")
+    payloads = []
+    for pl, _ in gen:
+        payloads.append(json.loads(pl))
+        if sum(1 for e in flat(payloads) if e[0] == "K") >= 5:
+            break
+    t0 = time.perf_counter()
+    assert wb.stop(tab.sid)
+    for pl, _ in gen:
+        payloads.append(json.loads(pl))
+    assert time.perf_counter() - t0 < 0.5
+    evs = flat(payloads)
+    end = [e for e in evs if e[0] == "E"]
+    assert end[-1][1] == "cancelled"
+    msgs = wb.store.messages(tab.sid or "")
+    assert msgs[1].status == "cancelled"
+    n = len(msgs[1].tokens)
+    assert 5 <= n < len(load_trace(FIX / "voices.jsonl").tokens)
+    assert not wb.stop(tab.sid)  # nothing left to stop; the backend is free again
+    again, _ = collect(wb, Tab(tab.sid, 2), "again")
+    assert (
+        reply_events(flat(again))[-1][1] == "cancelled"
+        or reply_events(flat(again))[-1][1] == "done"
+    )
+    wb.close()
+
+
+def test_closing_the_stream_cancels_the_run(tmp_path: Path) -> None:
+    """A tab that goes away (Gradio closes the generator) stops the reply and frees the backend."""
+    wb = make_wb(tmp_path, rate=40.0)
+    _, tab = wb.reset_payload(None)
+    gen = wb.send(tab, "go")
+    next(gen)
+    next(gen)
+    gen.close()
+    msgs = wb.store.messages(tab.sid or "")
+    assert msgs[1].status == "cancelled"
+    assert not wb.active
+    wb.close()
+
+
+def test_gap_fetch_returns_the_missing_events(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path)
+    _, tab = wb.reset_payload(None)
+    payloads, _ = collect(wb, tab, "go")
+    run = payloads[0]["run"]
+    a = payloads[1]["from"] if len(payloads) > 1 else 0
+    b = payloads[-1]["from"]
+    assert wb.run_events(run, a, b) == flat(payloads)[a:b]
+    assert wb.run_events("no-such-run", 0, 5) == []
+    wb.close()
+
+
+def test_stale_tab_gets_a_reset_first(tmp_path: Path) -> None:
+    """A second tab on the same session that missed messages is brought up to date."""
+    wb = make_wb(tmp_path)
+    _, tab = wb.reset_payload(None)
+    collect(wb, tab, "from tab one")
+    stale = Tab(tab.sid, 0)
+    payloads, t = collect(wb, stale, "from tab two")
+    evs = flat(payloads)
+    assert evs[0] == ["R"]
+    users = [e for e in evs if e[0] == "M" and e[2] == "user"]
+    assert len(users) == 2 and t.known == 4
+    wb.close()
+
+
+def test_unknown_voices_get_distinct_colours() -> None:
+    vc = VoiceColors(PRESETS["seed"])
+    names = [f"Voice{i}" for i in range(30)]
+    cols = [vc.color(n) for n in names]
+    declared = {v.color.upper() for v in PRESETS["seed"].voices}
+    assert len(set(cols)) == 30 and not (set(cols) & declared)
+    assert all(safe_hex(c) == c for c in cols)
+    assert vc.color("voice3") == cols[3]  # case-insensitive, stable
+    assert vc.color("Echo") == PRESETS["seed"].color_of("Echo")
+    assert safe_hex("red; background:url(x)") == "#777777"
+
+
+def test_exposure_rules() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+    assert check_exposure(ServeConfig()) is None
+    with pytest.raises(ConfigError):
+        check_exposure(ServeConfig(host="0.0.0.0"))
+    assert check_exposure(ServeConfig(host="0.0.0.0", auth=("u", "p"))) is None
+    warn = check_exposure(ServeConfig(host="0.0.0.0", insecure=True))
+    assert warn and "WARNING" in warn
+    with pytest.raises(ConfigError):
+        check_exposure(ServeConfig(host="0.0.0.0", auth=("u", "")))
+
+
+def test_export_and_import_round_trip(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path)
+    _, tab = wb.reset_payload(None)
+    collect(wb, tab, "go")
+    info = wb.store.get_session(tab.sid or "")
+    assert info is not None
+    msgs = wb.store.messages(info.id)
+    tr = reply_trace(info, msgs, 0, wb.voices_of(info))
+    assert tr is not None
+    out = tmp_path / "r.jsonl"
+    tr.save(out)
+    back = load_trace(out)
+    assert back.text == load_trace(FIX / "voices.jsonl").text
+    assert [s.voice for s in back.segments if s.text] == [
+        "Echo",
+        "Doubt",
+        "Pulse",
+        "Glimmer",
+        "Shift",
+    ]
+    assert back.meta["messages"] == [{"role": "user", "content": "go"}]
+    sid2, warns = import_file(wb.store, out, wb.default_settings())
+    assert not warns
+    m2 = wb.store.messages(sid2)
+    assert [m.role for m in m2] == ["user", "assistant"]
+    assert [t.text for t in m2[1].tokens] == [t.text for t in back.tokens]
+    # A plain transcript becomes one reply.
+    sid3, _ = import_file(wb.store, FIX / "hostile.txt", wb.default_settings())
+    assert wb.store.messages(sid3)[0].text == (FIX / "hostile.txt").read_text(encoding="utf-8")
+    wb.close()
+
+
+def test_markdown_export_neutralises_markup(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path)
+    sid, _ = import_file(wb.store, FIX / "hostile.txt", wb.default_settings())
+    wb.store.update_session(sid, title="<img src=x onerror=alert(1)> [x](javascript:alert(1))")
+    info = wb.store.get_session(sid)
+    assert info is not None
+    md = session_markdown(info, wb.store.messages(sid), wb.voices_of(info))
+    # Outside fences nothing can be a tag or a link; inside, fences cannot be closed early.
+    outside = []
+    fence = None
+    for line in md.splitlines():
+        if fence is None and line.startswith("~~~~"):
+            fence = line.removesuffix("text")
+            continue
+        if fence is not None:
+            if line == fence:
+                fence = None
+            continue
+        outside.append(line)
+    assert fence is None
+    joined = "\n".join(outside)
+    assert "<" not in joined and "](" not in joined
+    assert "window.__pwned=1" in md  # the text is kept, inside a fence
+    assert safe_filename("../../etc/passwd", ".md") == "etc-passwd.md"
+    wb.close()
+
+
+def test_attention_is_labelled_by_segment(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path, replay="attention.jsonl")
+    _, tab = wb.reset_payload(None)
+    collect(wb, tab, "go")
+    res = wb.attention(tab.sid or "", 10)
+    assert res is not None and len(res["layers"]) == 4
+    tr = load_trace(FIX / "attention.jsonl")
+    att = tr.tokens[10].attention
+    assert att is not None
+    layer0 = res["layers"][0]
+    assert [r[3] for r in layer0["segments"]] == [m for _, m in att.segment_mass[0]]
+    assert layer0["segments"][0][1] == "Echo"
+    assert [r[0] for r in layer0["top"]] == [p for p, _ in att.top[0]]
+    assert wb.attention(tab.sid or "", 10_000) is None
+    assert wb.attention("bad id!", 1) is None
+    wb.close()
