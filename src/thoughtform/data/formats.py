@@ -187,13 +187,13 @@ def check_text(content: str, where: str) -> list[Problem]:
                 offset=m.start(),
             )
         )
-    m = _SURROGATE_RE.search(content)
-    if m is not None:
+    sur = _SURROGATE_RE.search(content)
+    if sur is not None:
         problems.append(
             Problem(
                 SURROGATE,
-                f"{where}: lone surrogate \\u{ord(m.group(0)):04x} in content (not valid UTF-8)",
-                offset=m.start(),
+                f"{where}: lone surrogate \\u{ord(sur.group(0)):04x} in content (not valid UTF-8)",
+                offset=sur.start(),
             )
         )
     return problems

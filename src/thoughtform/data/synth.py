@@ -44,8 +44,10 @@ _YOU = {
 # Words a quoted fragment should not start or end on: it would read as a broken-off phrase.
 _STOP = frozenset(
     "the a an to of my and or in on at for with is it but about whether that this do be if "
-    "what why how so can i i'm i've me it's and".split()
+    "what why how so can i i'm i've i'd me it's from through into by as than then again who "
+    "which where when".split()
 )
+_PARTICLES = frozenset("away down up out over behind off back".split())
 _DOUBLE = frozenset(
     "stop quit plan ship drop cut put run let get set sit swim begin forget admit dig skip chat "
     "scrap cancel submit split reset".split()
@@ -65,6 +67,14 @@ def gerund(verb_phrase: str) -> str:
     else:
         g = first + "ing"
     return f"{g} {rest}" if rest else g
+
+
+def with_object(verb_phrase: str, obj: str = "it") -> str:
+    """``give away`` + it -> ``give it away``; ``ask for`` + it -> ``ask for it``."""
+    head, _, last = verb_phrase.rpartition(" ")
+    if head and last in _PARTICLES:
+        return f"{head} {obj} {last}"
+    return f"{verb_phrase} {obj}"
 
 
 def to_second_person(text: str) -> str:
@@ -101,10 +111,13 @@ class Grammar:
             for o in opts
         }
 
+    def options(self, rule: str) -> list[str]:
+        """The options of ``rule`` whose optional slots are all in the context."""
+        return [o for o in self.rules[rule] if self._needs[o] <= self.ctx.keys()]
+
     def pick(self, rule: str) -> str:
-        """One option of ``rule`` whose optional slots are all in the context."""
-        opts = [o for o in self.rules[rule] if self._needs[o] <= self.ctx.keys()]
-        return self.rng.choice(opts)
+        """One usable option of ``rule``."""
+        return self.rng.choice(self.options(rule))
 
     def expand(self, template: str, depth: int = 0) -> str:
         """Fill every slot of ``template``."""
@@ -120,7 +133,9 @@ class Grammar:
 
 
 def _quote(rng: random.Random, text: str, topic: str) -> str:
-    """A 3-6 word fragment of the user's words, on content words, touching the topic."""
+    """A 3-6 word fragment of one sentence of the user's, on content words, touching the topic."""
+    sentences = split_sentences(text)
+    text = next((s for s in sentences if topic in s), text)
     words = [w.strip('.,?!:;"') for w in text.split()]
     words = [w for w in words if w]
     key = {w.lower() for w in topic.split() if w.lower() not in _STOP and len(w) > 2}
@@ -128,7 +143,10 @@ def _quote(rng: random.Random, text: str, topic: str) -> str:
         (i, j)
         for i in range(len(words))
         for j in range(i + 3, min(i + 6, len(words)) + 1)
-        if words[i].lower() not in _STOP and words[j - 1].lower() not in _STOP
+        if words[i].lower() not in _STOP
+        and words[j - 1].lower() not in _STOP
+        # End where a thought ends: on a topic word or at the end of the sentence.
+        and (j == len(words) or words[j - 1].lower() in key)
     ]
     # Echo quotes what the message is about, not "Did I get".
     about = [(i, j) for i, j in spans if key & {w.lower() for w in words[i:j]}]
@@ -157,8 +175,12 @@ def _prompt(g: Grammar, pool: list[tuple[str, str, tuple[str, ...]]]) -> _Prompt
         "p_time": rng.choice(L.TIMES),
     }
     core = rng.choice(L.PROMPT_CORES)
-    closer = rng.choice(L.PROMPT_CLOSERS)
-    used = {k for _, k in _SLOT.findall(core + closer)}
+    in_core = {k for _, k in _SLOT.findall(core)}
+    # A closer never repeats a slot the core already used ("I'm tired. ... I feel tired.").
+    closer = rng.choice(
+        [c for c in L.PROMPT_CLOSERS if not {k for _, k in _SLOT.findall(c)} & in_core]
+    )
+    used = in_core | {k for _, k in _SLOT.findall(closer)}
     g.ctx = user
     opener = rng.choice(L.PROMPT_OPENERS)
     body = g.expand(core)
@@ -171,6 +193,8 @@ def _prompt(g: Grammar, pool: list[tuple[str, str, tuple[str, ...]]]) -> _Prompt
         "keyword": keyword,
         "verb": verb,
         "verb_ing": gerund(verb),
+        "verb_it": with_object(verb),
+        "verb_ing_it": with_object(gerund(verb)),
         "quote": _quote(rng, body, phrase),
         # One person and feeling per conversation, so the voices agree with each other.
         "person": user["p_person"],
@@ -188,16 +212,10 @@ def _manner(v: Voice) -> tuple[str, tuple[int, ...]]:
 
 def _voice_text(g: Grammar, v: Voice) -> str:
     rule, lengths = _manner(v)
-    k = g.rng.choice(lengths)
-    out: list[str] = []
-    for _ in range(k):
-        for _try in range(4):
-            s = _cap(g.expand("{" + rule + "}"))
-            if s not in out:
-                break
-        if s not in out:
-            out.append(s)
-    return " ".join(out)
+    opts = g.options(rule)
+    k = min(g.rng.choice(lengths), len(opts))
+    # Different sentence shapes within one voice: "Privately, ... Privately, ..." reads as a loop.
+    return " ".join(_cap(g.expand(t)) for t in g.rng.sample(opts, k))
 
 
 def _order(rng: random.Random, voices: list[Voice]) -> list[Voice]:
