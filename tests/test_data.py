@@ -339,3 +339,20 @@ def test_show_escapes_hostile_text(tmp_path: Path) -> None:
     assert "\x1b" not in out and "\x07" not in out
     assert out.count("[bold red]markup[/]") == 2  # shown literally, not interpreted
     assert out.count("\\x1b[2J") == 2
+
+
+def test_null_content_and_pretty_printed_object(tmp_path: Path) -> None:
+    vs = resolve_voice_set("seed")
+    rec = F.normalize_record(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, vs
+    )
+    assert [p.reason for p in rec.problems] == ["messages[1].content: must be a string, got null"]
+    rec = F.normalize_record({"messages": [{"role": "assistant"}]}, vs)
+    assert [p.reason for p in rec.problems] == ["messages[0].content: missing"]
+    p = tmp_path / "obj.json"
+    p.write_text('{\n  "messages": []\n}\n')
+    issues: list = []
+    validate(p, on_issue=issues.append)
+    assert issues[0].reason.endswith(
+        "(the file looks like pretty-printed JSON; JSONL needs one object per line)"
+    )

@@ -373,7 +373,8 @@ def normalize_record(obj: Any, voices: VoiceSet, strict: bool = False) -> Record
                 rec.problems.extend(probs)
                 continue
         if content is None:
-            rec.problems.append(Problem(WRONG_TYPE, f"{where}.{text_key}: missing"))
+            got = "missing" if text_key not in m else "must be a string, got null"
+            rec.problems.append(Problem(WRONG_TYPE, f"{where}.{text_key}: {got}"))
             continue
         rec.problems.extend(check_text(content, where))
         if role == "assistant":

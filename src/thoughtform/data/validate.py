@@ -217,6 +217,8 @@ def _jsonl_entries(
             hint = ""
             if ln.number == 1 and text.lstrip().startswith("["):
                 hint = " (the file looks like one JSON array; JSONL needs one object per line)"
+            elif ln.number == 1 and text.strip() == "{":
+                hint = " (the file looks like pretty-printed JSON; JSONL needs one object per line)"
             issues.append(
                 Issue(
                     path, ln.number, F.BAD_JSON, f"invalid JSON: {e.msg} at column {e.colno}{hint}"
