@@ -356,3 +356,19 @@ def test_null_content_and_pretty_printed_object(tmp_path: Path) -> None:
     assert issues[0].reason.endswith(
         "(the file looks like pretty-printed JSON; JSONL needs one object per line)"
     )
+
+
+def test_real_process_exit_codes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "thoughtform.data.cli"]
+    bad = subprocess.run(
+        [*cmd, "validate", "bad.jsonl", *BAD_ARGS], cwd=FIX, capture_output=True, text=True
+    )
+    assert bad.returncode == 1
+    assert bad.stdout == (FIX / "bad.expected.txt").read_text(encoding="utf-8")
+    missing = subprocess.run(
+        [*cmd, "stats", str(tmp_path / "none.jsonl")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and missing.stderr.endswith("none.jsonl: file not found\n")
