@@ -30,7 +30,9 @@ def backend() -> Iterator[object]:
     b.close()
 
 
-def req(text: str, n: int = 24, temperature: float = 0.0, seed: int | None = 1, **kw: object) -> GenerationRequest:
+def req(
+    text: str, n: int = 24, temperature: float = 0.0, seed: int | None = 1, **kw: object
+) -> GenerationRequest:
     return GenerationRequest(
         messages=(Message("user", text),),
         sampling=Sampling(temperature=temperature, max_tokens=n, seed=seed, **kw),  # type: ignore[arg-type]
@@ -69,7 +71,8 @@ def test_greedy_telemetry_is_consistent(backend) -> None:  # type: ignore[no-unt
 def test_text_integrity_with_split_characters(backend) -> None:  # type: ignore[no-untyped-def]
     toks, _ = collect(backend.stream(req("Повтори: Привет, мир! 🙂 日本語", n=40)))
     text = "".join(t.text for t in toks)
-    assert "\ufffd" not in text
+    # Only a generation cut off mid-character may end in U+FFFD (its bytes stay in the trace).
+    assert "\ufffd" not in text.rstrip("\ufffd")
     assert b"".join(t.bytes for t in toks if t.bytes).decode("utf-8", "replace") == text
     assert any(ord(c) > 0x400 for c in text)
 

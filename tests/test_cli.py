@@ -136,12 +136,24 @@ def test_voices_list_show_init_schema(tmp_path: Path, capsys: pytest.CaptureFixt
     assert json.loads(out)["title"] == "thoughtform voice set"
 
 
-def test_generate_with_replay_writes_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_with_replay_writes_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "reply.txt"
     src.write_text(EXAMPLE, encoding="utf-8")
     out = tmp_path / "t.jsonl"
     code, stdout, _ = run(
-        ["generate", "--backend", "replay", "--model", str(src), "--prompt", "hi", "--trace", str(out)],
+        [
+            "generate",
+            "--backend",
+            "replay",
+            "--model",
+            str(src),
+            "--prompt",
+            "hi",
+            "--trace",
+            str(out),
+        ],
         capsys,
     )
     assert code == 0

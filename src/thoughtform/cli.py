@@ -39,7 +39,7 @@ def _read_chunks(path: str, size: int = 1 << 16) -> Iterator[str]:
         if p.is_dir():
             raise UserError(f"{path}: is a directory, expected a text file")
         try:
-            fh = open(p, "rb")  # noqa: SIM115 - closed below
+            fh = open(p, "rb")
         except FileNotFoundError:
             raise UserError(f"{path}: file not found") from None
         except OSError as e:
@@ -380,7 +380,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .ui.app import ServeConfig, serve
     except ImportError as e:
-        raise UserError(f"serve needs the ui extra: pip install 'thoughtform[ui]' ({e.name})") from None
+        raise UserError(
+            f"serve needs the ui extra: pip install 'thoughtform[ui]' ({e.name})"
+        ) from None
     auth = None
     if args.auth:
         user, sep, pw = args.auth.partition(":")
@@ -389,7 +391,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth = (user, pw)
     loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
     if not loopback and auth is None and not args.insecure:
-        raise UserError(f"--host {args.host} is not loopback: give --auth USER:PASS (or --insecure)")
+        raise UserError(
+            f"--host {args.host} is not loopback: give --auth USER:PASS (or --insecure)"
+        )
     if not loopback and auth is None:
         print(f"WARNING: serving on {args.host} without authentication", file=sys.stderr)
     resolve_voices(args.voices)
@@ -444,7 +448,9 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def _gen_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="llamacpp", help="llamacpp | openai | transformers | replay")
+    p.add_argument(
+        "--backend", default="llamacpp", help="llamacpp | openai | transformers | replay"
+    )
     p.add_argument("--model", help="GGUF path, HF dir, server model name, or replay file")
     p.add_argument("--base-url", help="OpenAI-compatible server URL (env THOUGHTFORM_BASE_URL)")
     p.add_argument("--api-key", help="API key (env THOUGHTFORM_API_KEY)")
@@ -549,7 +555,6 @@ def main(argv: Sequence[str] | None = None, stderr: TextIO | None = None) -> int
         return 0
     except KeyboardInterrupt:
         return 130
-
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 from .backends.base import Backend, FinishEvent, GenerationRequest, TokenEvent
 from .parse import Event, SegmentBuilder, VoiceEnd, VoiceParser
-from .trace import Trace, TokenRecord, TraceWriter
+from .trace import TokenRecord, Trace, TraceWriter
 from .voices import VoiceSet, resolve_voice_set
 
 

@@ -86,6 +86,10 @@ class LlamaCppBackend:
         lora_path: str | Path | None = None,
         seed: int | None = None,
     ) -> None:
+        # llama.cpp's OpenMP workers spin while waiting; on a busy machine (a browser, a test
+        # runner, the UI) that collapses 2-core throughput from ~60 to ~1 tok/s. Passive waiting
+        # costs little when idle. It must be set before the OpenMP runtime loads.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             from llama_cpp import Llama
         except ImportError as e:
@@ -193,7 +197,9 @@ class LlamaCppBackend:
             s = request.sampling
             room = self._llm.n_ctx() - len(ids)
             if room <= 0:
-                yield FinishEvent("error", f"prompt is {len(ids)} tokens; context is {self._llm.n_ctx()}")
+                yield FinishEvent(
+                    "error", f"prompt is {len(ids)} tokens; context is {self._llm.n_ctx()}"
+                )
                 return
             max_new = min(s.max_tokens or room, room)
             k = max(0, min(request.alternatives, MAX_ALTERNATIVES))
@@ -210,8 +216,15 @@ class LlamaCppBackend:
                     yield FinishEvent("error", f"invalid grammar: {e}")
                     return
             self._llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
+            if s.seed is not None:
+                # Reusing the cached prompt prefix re-evaluates only its last token, and a single
+                # token goes through other kernels than a batch: logits differ in the last bits
+                # and a seeded sample can flip. A seed promises a repeatable reply, so evaluate
+                # the whole prompt afresh; unseeded chats keep the faster prefix reuse.
+                self._llm.reset()
             gen = self._llm.generate(
                 ids,
+                reset=s.seed is None,
                 top_k=s.top_k if s.top_k > 0 else 0,
                 top_p=s.top_p,
                 min_p=0.0,
@@ -250,7 +263,9 @@ class LlamaCppBackend:
                         t_first = time.perf_counter() - t0
                     if s.stop:
                         text_so_far += piece
-                        hit = min((text_so_far.find(x) for x in s.stop if x in text_so_far), default=-1)
+                        hit = min(
+                            (text_so_far.find(x) for x in s.stop if x in text_so_far), default=-1
+                        )
                         if hit >= 0:
                             # Keep the text before the stop string; drop the rest.
                             before = len(text_so_far) - len(piece)
