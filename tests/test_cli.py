@@ -164,3 +164,55 @@ def test_generate_with_replay_writes_trace(
     assert [s.voice for s in trace.segments if s.text] == ["Echo", "Resonance"]
     voices = {t.voice for t in trace.tokens}
     assert voices == {"Echo", "Resonance"}
+
+
+def test_chat_keeps_history_and_ctrl_c_stops_a_reply_without_leaving(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    src = tmp_path / "reply.txt"
+    src.write_text(("[Echo]\n" + "word " * 400 + "\n[Doubt]\nreally?\n"), encoding="utf-8")
+    trace = tmp_path / "chat.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "thoughtform.cli",
+            "chat",
+            "--backend",
+            "replay",
+            "--model",
+            str(src),
+            "--rate",
+            "50",
+            "--trace",
+            str(trace),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b"first question\n")
+    proc.stdin.flush()
+    first = tmp_path / "chat.1.jsonl"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not first.exists() or first.stat().st_size < 200):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # stops the reply, not the chat
+    time.sleep(0.5)
+    proc.stdin.write(b"second\n/quit\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert b"(stopped)" in out
+    t1 = load_trace(first)
+    assert t1.finish is not None and t1.finish["reason"] == "cancelled"
+    assert 0 < len(t1.tokens) < 800  # partial reply kept
+    t2 = load_trace(tmp_path / "chat.2.jsonl")
+    # The second turn saw the history: first question, the partial reply, then "second".
+    assert [m["role"] for m in t2.meta["messages"]][-3:] == ["user", "assistant", "user"]
+    assert t2.meta["messages"][-3]["content"] == "first question"
+    assert t2.meta["messages"][-2]["content"] == t1.text

@@ -293,7 +293,10 @@ def _run_generation(
             if upd.finish is not None:
                 finish = upd.finish
     except KeyboardInterrupt:
-        # Generation already recorded the partial reply as cancelled.
+        # Closing the iterator finishes the trace as cancelled, keeping the partial reply.
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
         finish = None
         console.print()
         console.print("[dim](stopped)[/dim]")
