@@ -127,3 +127,34 @@ def test_generation_trace_on_disk(backend, tmp_path: Path) -> None:  # type: ign
     assert all(len(t.top) == 5 for t in loaded.tokens if t.token_id is not None)
     assert loaded.finish is not None and loaded.finish["reason"] in ("stop", "length")
     assert [s.voice for s in loaded.segments] == [s.voice for s in trace.segments]
+
+
+def test_logit_bias_steers_while_telemetry_shows_the_raw_distribution(backend) -> None:  # type: ignore[no-untyped-def]
+    plain, _ = collect(backend.stream(req("Name three colours.", n=3)))
+    first = plain[0].token_id
+    assert first is not None
+    r = GenerationRequest(
+        messages=(Message("user", "Name three colours."),),
+        sampling=Sampling(temperature=0.0, max_tokens=3, seed=1),
+        alternatives=10,
+        logit_bias={first: -100.0},
+    )
+    steered, _ = collect(backend.stream(r))
+    assert steered[0].token_id != first
+    # The alternatives are the model's own view: the banned token is still its top choice.
+    assert steered[0].top[0].token_id == first
+
+
+def test_grammar_constrains_the_reply(backend) -> None:  # type: ignore[no-untyped-def]
+    r = GenerationRequest(
+        messages=(Message("user", "Say something."),),
+        sampling=Sampling(temperature=0.0, max_tokens=12, seed=1),
+        grammar='root ::= "[Echo]\\n" [a-z ]+',
+    )
+    toks, fin = collect(backend.stream(r))
+    text = "".join(t.text for t in toks)
+    assert text.startswith("[Echo]\n")
+    assert set(text[7:]) <= set("abcdefghijklmnopqrstuvwxyz ")
+    bad = GenerationRequest(messages=(Message("user", "x"),), grammar="root ::= (")
+    toks, fin = collect(backend.stream(bad))
+    assert fin.reason == "error" and "grammar" in fin.message and not toks

@@ -66,7 +66,7 @@ class _Telemetry:
             self.top_ids = idx[np.argsort(-logp[idx])]
         else:
             self.top_ids = None
-        if self._bias_ids is not None:
+        if self._bias_ids is not None and self._bias_vals is not None:
             out = np.array(scores, dtype=np.single, copy=True)
             out[self._bias_ids] += self._bias_vals
             return out
@@ -167,6 +167,19 @@ class LlamaCppBackend:
             self._piece_cache[tok] = b
         return b
 
+    def _grammar_ok(self, text: str) -> bool:
+        """Whether llama.cpp parses the GBNF grammar (LlamaGrammar.from_string does not check,
+        and sampling with a grammar that failed to parse crashes the process)."""
+        import llama_cpp
+
+        smpl = llama_cpp.llama_sampler_init_grammar(
+            self._llm._model.vocab, text.encode("utf-8"), b"root"
+        )
+        if not smpl:
+            return False
+        llama_cpp.llama_sampler_free(smpl)
+        return True
+
     def _is_eog(self, tok: int) -> bool:
         try:
             import llama_cpp
@@ -210,11 +223,10 @@ class LlamaCppBackend:
             if request.grammar:
                 from llama_cpp import LlamaGrammar
 
-                try:
-                    grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
-                except (ValueError, RuntimeError) as e:
-                    yield FinishEvent("error", f"invalid grammar: {e}")
+                if not self._grammar_ok(request.grammar):
+                    yield FinishEvent("error", "invalid GBNF grammar (it does not parse)")
                     return
+                grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
             self._llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
             if s.seed is not None:
                 # Reusing the cached prompt prefix re-evaluates only its last token, and a single
@@ -312,7 +324,7 @@ class LlamaCppBackend:
         llm = getattr(self, "_llm", None)
         if llm is not None:
             llm.close()
-            self._llm = None
+            self._llm = None  # type: ignore[assignment]
 
 
 def _lp(logp: np.ndarray | None, tok: int) -> float | None:
