@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -331,3 +332,118 @@ def test_payloads_do_not_grow_with_history(page: Any) -> None:
     # stats event and message ids.
     assert per_reply[3] <= per_reply[0] * 1.05, per_reply
     assert per_reply[0] < 60_000
+
+
+def test_missed_payload_is_fetched_again(page: Any) -> None:
+    """If an update is lost (coalesced), the renderer fetches the gap and nothing is missing."""
+    page.evaluate(
+        """() => { const wb = window.thoughtform.current; const orig = wb.receive.bind(wb);
+                  let k = 0; window.__dropped = 0;
+                  wb.receive = (raw) => { const p = JSON.parse(raw);
+                    if (p.run && p.ev.length && ++k === 2) { window.__dropped = p.ev.length; return; }
+                    orig(raw); }; }"""
+    )
+    send(page, "go")
+    wait_replies(page, 1)
+    assert page.evaluate("window.__dropped") > 0
+    assert [b["voice"] for b in blocks(page)] == SEED_ORDER
+    trace = load_trace(FIX / "voices.jsonl")
+    assert int(page.evaluate("document.querySelector('#tf-wb').dataset.tokens")) == len(
+        trace.tokens
+    )
+    chat = "\n".join(b["text"] for b in blocks(page))
+    assert "Cold air. One breath." in chat and "rain is arrival, not loss." in chat
+
+
+def test_attention_view(page: Any) -> None:
+    set_replay(page, "attention.jsonl")
+    send(page, "go")
+    wait_replies(page, 1)
+    page.click("#tf-wb .tf-viewtab[data-view=tokens]")
+    page.locator("#tf-wb .tf-tok[data-token-index='10']").click()
+    page.click("#tf-wb .tf-pop button[data-act=attention]")
+    rows = page.locator("#tf-wb .tf-attn-body .tf-barrow")
+    rows.first.wait_for()
+    att = load_trace(FIX / "attention.jsonl").tokens[10].attention
+    assert att is not None
+    labels = page.eval_on_selector_all(
+        "#tf-wb .tf-attn-body .tf-bars:first-child .tf-bar-label", "x => x.length"
+    )
+    assert labels == 0 or labels >= 0
+    vals0 = page.eval_on_selector_all(
+        "#tf-wb .tf-attn-body .tf-bars >> nth=0 >> .tf-bar-val", "x => x.map(e => e.textContent)"
+    )
+    assert vals0 == [f"{m * 100:.1f}%" for _, m in att.segment_mass[0]]
+    page.locator("#tf-wb .tf-attn-layer").fill("2")
+    vals2 = page.eval_on_selector_all(
+        "#tf-wb .tf-attn-body .tf-bars >> nth=0 >> .tf-bar-val", "x => x.map(e => e.textContent)"
+    )
+    assert vals2 == [f"{m * 100:.1f}%" for _, m in att.segment_mass[2]]
+    assert "layer 2 / 3" in page.inner_text("#tf-wb .tf-attn")
+
+
+def test_voice_editor_reparses_the_session(page: Any) -> None:
+    send(page, "go")
+    wait_replies(page, 1)
+    page.get_by_role("tab", name="Voices").click()
+    yaml_text = (
+        "name: mine\nunknown: strict\nvoices:\n"
+        "  - name: Echo\n    color: '#112233'\n  - name: Glimmer\n    color: '#00AA00'\n"
+    )
+    page.locator("#voices-yaml .cm-content").fill(yaml_text)
+    page.click("#apply-yaml")
+    page.get_by_role("tab", name="Workbench").click()
+    page.wait_for_function(
+        "() => document.querySelector('#tf-wb .tf-leg[data-voice=Glimmer]') &&"
+        " !document.querySelector('#tf-wb .tf-leg[data-voice=Doubt]')",
+        timeout=15_000,
+    )
+    got = blocks(page)
+    # Strict now: undeclared [Doubt], [Pulse], [Shift] stay text inside the declared voices.
+    assert [b["voice"] for b in got] == ["Echo", "Glimmer"]
+    assert got[0]["color"] == "rgb(17, 34, 51)" and got[1]["color"] == "rgb(0, 170, 0)"
+    assert "[Doubt] But how do we know that?" in got[0]["text"]
+    # The edit is kept with the session.
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#tf-wb .tf-leg[data-voice=Glimmer]')")
+    assert [b["voice"] for b in blocks(page)] == ["Echo", "Glimmer"]
+
+
+def test_export_and_import(page: Any, workdir: Path) -> None:
+    set_replay(page, "hostile.jsonl")
+    send(page, "go")
+    wait_replies(page, 1)
+    page.locator("#tf-wb").scroll_into_view_if_needed()
+    page.get_by_text("Export").first.click()
+    out: dict[str, str] = {}
+    for kind in ("Markdown", "HTML report", "Trace (JSONL)"):
+        page.get_by_label(kind).check()
+        page.click("#export")
+        link = page.locator("#export-file a").first
+        page.wait_for_function(
+            "(k) => { const a = document.querySelector('#export-file a'); return a && a.href &&"
+            " a.href.endsWith(k); }",
+            arg={"Markdown": ".md", "HTML report": ".html", "Trace (JSONL)": ".jsonl"}[kind],
+            timeout=15_000,
+        )
+        r = page.request.get(link.get_attribute("href") or "")
+        assert r.ok
+        out[kind] = r.text()
+    assert "<script>window.__pwned" not in out["HTML report"]
+    assert "Content-Security-Policy" in out["HTML report"]
+    assert "&lt;" in out["HTML report"] and "__pwned" in out["HTML report"]  # escaped, kept
+    assert "<script>window.__pwned=1</script>" in out["Markdown"]  # inside a fence only
+    lines = out["Trace (JSONL)"].splitlines()
+    assert json.loads(lines[0])["type"] == "meta"
+    # Import the exported trace: a new session showing the same reply.
+    p = workdir / "exported.jsonl"
+    p.write_text(out["Trace (JSONL)"], encoding="utf-8")
+    old = session_of(page)
+    page.get_by_text("Import").first.click()
+    page.locator("#import-file input[type=file]").set_input_files(str(p))
+    page.wait_for_function(
+        "(old) => document.querySelector('#tf-wb').dataset.session !== old", arg=old, timeout=20_000
+    )
+    voices = [b["voice"] for b in blocks(page)]
+    assert "tf-block" in voices and voices[0] == "Echo"
+    assert page.evaluate("window.__pwned") is None

@@ -408,6 +408,9 @@ class Workbench:
                     first = False
                     sent += len(evs)
                 if done and sent >= len(run.events):
+                    # Gradio repeats the last value when the event completes: end on a tiny
+                    # payload so that repeat costs nothing.
+                    yield payload(info.id, [], run=run_id, start=sent), new_tab
                     break
                 if evs:
                     time.sleep(YIELD_EVERY_S)  # let tokens pile up: one payload per batch

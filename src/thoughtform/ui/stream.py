@@ -8,6 +8,7 @@ The server never re-sends history while a reply streams. Each payload is JSON::
 of one reply's log, so a browser that missed one fetches the gap (``Run.events_between``).
 Events are short arrays (the first item says which)::
 
+    ["R"]                                                                  clear the view
     ["V", [[name, color, glyph, lane, description], ...], default_voice]   declared voices
     ["N", session_id, title]                                               the session shown
     ["M", message_id, role, status, token_base]                            a message begins
@@ -15,7 +16,7 @@ Events are short arrays (the first item says which)::
     ["T", text, token|null]                                                text for that block
     ["C", marker]                                                          the block closes
     ["K", index, text, voice, logprob, entropy, [[alt, logprob], ...], has_attention]
-    ["E", status, message]                                                 the message ended
+    ["E", status, message, last_token_wall_time?]                          the message ended
     ["S", [[voice, tokens, mean_logprob, perplexity, mean_entropy], ...], [order, matrix]]
 
 Token indices are global to the session (``token_base`` + index in the reply) so lanes share
@@ -286,7 +287,8 @@ class Run:
                 )
             except Exception as e:  # the database may be gone; the browser still gets the end
                 message = f"{message} (not saved: {e})".strip()
-            end = [["E", self.status, message or ""], enc.stats_event()]
+            # The wall-clock time of the last token lets a benchmark measure display lag.
+            end = [["E", self.status, message or "", self.t_last_token], enc.stats_event()]
             with self._cond:
                 self.events.extend(end)
                 self.done = True

@@ -503,6 +503,7 @@
     st.tokens++;
     if (st.firstAt == null) st.firstAt = now;
     st.lastAt = now;
+    st.lastWall = performance.timeOrigin + now;
     st.lastIndex = i;
   };
 
@@ -897,13 +898,15 @@
       return;
     }
     this.apply(ev);
-    if (st.log) st.log.push([performance.now(), null, 0, bytes, this.nTok]);
   };
 
   Workbench.prototype.finishRun = function (p, ev, from) {
     this.runs[p.run] = from + ev.length;
+    var t0 = performance.now();
+    var n0 = this.stats.tokens;
     this.apply(ev);
-    if (this.stats.log) this.stats.log.push([performance.now(), p.run, from, 0, this.nTok]);
+    // With a log (benchmarks): when, run, tokens applied, milliseconds spent applying, nonce.
+    if (this.stats.log) this.stats.log.push([t0, p.run, this.stats.tokens - n0, performance.now() - t0, p.n]);
   };
 
   Workbench.prototype.apply = function (evs) {
@@ -938,6 +941,7 @@
           break;
         case "E":
           this.endMessage(e[1], e[2]);
+          if (num(e[3]) != null) this.stats.producedLast = e[3];
           break;
         case "S":
           this.renderStats(e[1], e[2]);
