@@ -252,6 +252,8 @@ class Workbench:
             }
         elif name == "llamacpp":
             model = s.get("model") or None
+            if model in ("embedded",):
+                model = None
             if model and not str(model).lower().endswith(".gguf"):
                 raise WorkbenchError(
                     "llamacpp needs a .gguf model path (or empty for the embedded model)"
