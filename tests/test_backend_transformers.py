@@ -349,15 +349,19 @@ def test_bench_reports_speed_memory_and_attention_size(
 ) -> None:
     from thoughtform.backends.transformers import bench_transformers
 
-    res = bench_transformers(tokens=5, modes=("attention",), threads=1, cache_dir=str(cache_dir))
-    r = res["modes"]["attention"]
+    # The suite form: each mode in its own process.
+    res = bench_transformers(tokens=4, modes=("plain",), threads=1, cache_dir=str(cache_dir))
+    r = res["modes"]["plain"]
     assert "error" not in r, r
-    assert r["tokens"] == 5 and r["load_source"] == "cache"
-    assert r["tokens_per_s"] > 0
+    assert r["tokens"] == 4 and r["load_source"] == "cache" and r["tok_s"] > 0
     assert r["peak_rss_mb"] >= r["rss_loaded_mb"] > 100
+    assert "attention_bytes_per_token" not in r
+    # The single-mode form `thoughtform bench backend` runs in its own child process.
+    a = bench_transformers(tokens=5, attention=True, threads=1, cache_dir=str(cache_dir))
+    assert a["mode"] == "attention" and a["tokens"] == 5 and a["tok_s"] > 0
     # 30 layers x (8 top positions + prompt mass + buckets) in compact JSON.
-    assert 2000 < r["attention_json_bytes_per_token"] < 8000
-    assert r["attention_mem_bytes_per_token"] > r["attention_json_bytes_per_token"]
+    assert 2000 < a["attention_bytes_per_token"] < 8000
+    assert a["attention_mem_bytes_per_token"] > a["attention_bytes_per_token"]
 
 
 def test_bfloat16_with_full_telemetry(backend: TransformersBackend, cache_dir: Path) -> None:

@@ -813,12 +813,14 @@ def _bench_one(
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads(),
     }
+    res["tok_s"] = res["tokens_per_s"]  # the name thoughtform.bench.backend reads
     summaries = [e.attention for e in toks if e.attention is not None]
     if summaries:
         res["attention_json_bytes_per_token"] = round(
             sum(len(json.dumps(a.to_dict(), separators=(",", ":"))) for a in summaries)
             / len(summaries)
         )
+        res["attention_bytes_per_token"] = res["attention_json_bytes_per_token"]
         res["attention_mem_bytes_per_token"] = round(
             sum(_deep_size(a) for a in summaries) / len(summaries)
         )
@@ -827,16 +829,25 @@ def _bench_one(
 
 def bench_transformers(
     tokens: int = 64,
+    attention: bool | None = None,
     model: str | None = None,
     modes: tuple[str, ...] = ("plain", "attention", "full"),
     threads: int | None = None,
     cache_dir: str | None = None,
     timeout_s: float = 600,
 ) -> dict[str, Any]:
-    """Tok/s, load time and peak RSS per mode (``plain`` = SDPA, ``attention`` = eager with
-    attention capture, ``lens``, ``full`` = attention + lens), each in a fresh subprocess so
-    peak RSS is per mode."""
+    """Tok/s, load time and peak RSS of greedy generation with EOS banned.
+
+    With ``attention`` set, one mode runs in this process (the caller isolates it) and the
+    flat result has ``tok_s``, ``peak_rss_mb`` and, with attention, ``attention_bytes_per_token``
+    (compact JSON). Otherwise each of ``modes`` (``plain`` = SDPA, ``attention`` = eager with
+    capture, ``lens``, ``full`` = attention + lens) runs in a fresh subprocess so peak RSS is
+    per mode, and the result maps ``modes`` to those dicts."""
     import subprocess
+
+    if attention is not None:
+        mode = "attention" if attention else "plain"
+        return _bench_one(mode, tokens, model, threads, cache_dir)
 
     results: dict[str, Any] = {"tokens": tokens, "model": model or "embedded", "modes": {}}
     for mode in modes:
