@@ -181,6 +181,8 @@ class Generation:
             "message": finish.message,
             "timings": timings,
             "tokens": n,
+            # prompt_tokens maps attention positions (absolute) back to generated tokens.
+            "usage": dict(finish.usage),
         }
         if self._writer is not None:
             self._write_segments(closed_only=False)
