@@ -37,7 +37,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path) -> Iterator[Server]:
-    srv = Server(workdir / "sessions.db", replay=FIX, model="voices.jsonl", rate=80.0)
+    srv = Server(workdir / "sessions.db", replay=FIX, model="voices.jsonl", rate=200.0)
     yield srv
     srv.stop()
 
@@ -245,55 +245,6 @@ def test_hostile_transcript_runs_nothing(page: Any, server: Server) -> None:
     assert page.evaluate("window.__pwned") is None
 
 
-def test_session_survives_server_restart(browser: Any, workdir: Path) -> None:
-    db = workdir / "restart.db"
-    srv = Server(db, replay=FIX, model="voices.jsonl", rate=80.0)
-    try:
-        pg = open_page(browser, srv.url)
-        sid = new_session(pg)
-        send(pg, "remember this")
-        wait_replies(pg, 1)
-        before = blocks(pg)
-        set_replay(pg, "long.txt")
-        send(pg, "and a long one")
-        pg.wait_for_function(
-            "+document.querySelector('#tf-wb').dataset.tokens >= 150", timeout=30_000
-        )
-        srv.kill()  # SIGKILL mid-reply
-        pg.context.close()
-    finally:
-        srv.kill()
-    con = sqlite3.connect(db)
-    status, n = con.execute(
-        "SELECT m.status, (SELECT COUNT(*) FROM tokens t WHERE t.message_id=m.id) FROM messages m "
-        "WHERE session_id=? ORDER BY seq DESC LIMIT 1",
-        (sid,),
-    ).fetchone()
-    con.close()
-    assert status == "streaming" and n >= 150 - 79 - 20  # at most ~100 ms of tokens lost
-    srv2 = Server(db, replay=FIX, model="voices.jsonl", rate=80.0)
-    try:
-        pg = open_page(browser, srv2.url + f"?session={sid}")
-        assert session_of(pg) == sid
-        msgs = pg.eval_on_selector_all(
-            "#tf-wb .tf-msg", "ms => ms.map(m => [m.dataset.role, m.dataset.status])"
-        )
-        assert msgs == [
-            ["user", "done"],
-            ["assistant", "done"],
-            ["user", "done"],
-            ["assistant", "interrupted"],
-        ]
-        first = pg.locator("#tf-wb .tf-msg[data-role=assistant]").first
-        got = first.locator(".tf-block").evaluate_all("bs => bs.map(b => b.dataset.voice)")
-        assert got == [b["voice"] for b in before]
-        shown = int(pg.evaluate("document.querySelector('#tf-wb').dataset.tokens"))
-        assert shown == 79 + n
-        pg.context.close()
-    finally:
-        srv2.stop()
-
-
 def test_two_tabs_one_session(browser: Any, server: Server) -> None:
     a = open_page(browser, server.url)
     sid = new_session(a)
@@ -447,3 +398,48 @@ def test_export_and_import(page: Any, workdir: Path) -> None:
     voices = [b["voice"] for b in blocks(page)]
     assert "tf-block" in voices and voices[0] == "Echo"
     assert page.evaluate("window.__pwned") is None
+
+
+def test_session_survives_server_restart(browser: Any, server: Server) -> None:
+    """Runs last: SIGKILLs the module's server mid-reply, restarts it on the same database."""
+    pg = open_page(browser, server.url)
+    sid = new_session(pg)
+    send(pg, "remember this")
+    wait_replies(pg, 1)
+    before = blocks(pg)
+    set_replay(pg, "long.txt")
+    send(pg, "and a long one")
+    pg.wait_for_function("+document.querySelector('#tf-wb').dataset.tokens >= 150", timeout=30_000)
+    server.kill()  # SIGKILL mid-reply
+    pg.context.close()
+    con = sqlite3.connect(server.db)
+    status, n = con.execute(
+        "SELECT m.status, (SELECT COUNT(*) FROM tokens t WHERE t.message_id=m.id) FROM messages m "
+        "WHERE session_id=? ORDER BY seq DESC LIMIT 1",
+        (sid,),
+    ).fetchone()
+    con.close()
+    assert status == "streaming" and n >= 150 - 79 - 25  # at most ~100 ms of tokens lost
+    srv2 = Server(server.db, replay=FIX, model="voices.jsonl", rate=200.0)
+    try:
+        pg = open_page(browser, srv2.url + f"?session={sid}")
+        assert session_of(pg) == sid
+        msgs = pg.eval_on_selector_all(
+            "#tf-wb .tf-msg", "ms => ms.map(m => [m.dataset.role, m.dataset.status])"
+        )
+        assert msgs == [
+            ["user", "done"],
+            ["assistant", "done"],
+            ["user", "done"],
+            ["assistant", "interrupted"],
+        ]
+        first = pg.locator("#tf-wb .tf-msg[data-role=assistant]").first
+        got = first.locator(".tf-block").evaluate_all("bs => bs.map(b => b.dataset.voice)")
+        assert got == [b["voice"] for b in before]
+        shown = int(pg.evaluate("document.querySelector('#tf-wb').dataset.tokens"))
+        assert shown == 79 + n
+        assert "interrupted" in pg.inner_text("#tf-wb .tf-msg[data-role=assistant] >> nth=1")
+        assert pg.errors == []
+        pg.context.close()
+    finally:
+        srv2.stop()

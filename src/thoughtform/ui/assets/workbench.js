@@ -815,7 +815,7 @@
       if (!Array.isArray(r)) return;
       var row = el("div", "tf-barrow");
       row.appendChild(el("span", "tf-bar-label", str(r[0])));
-      var bar = el("span", "tf-bar");
+      var bar = el("span", "tf-meter");
       var f = el("span", "tf-fill");
       f.style.width = Math.round((num(r[3]) || 0) * 100) + "%";
       f.style.backgroundColor = safeColor(r[2]);
@@ -832,7 +832,7 @@
       if (!Array.isArray(r)) return;
       var row = el("div", "tf-barrow");
       row.appendChild(el("span", "tf-bar-label", "@" + str(r[0]) + " " + str(r[2])));
-      var bar = el("span", "tf-bar");
+      var bar = el("span", "tf-meter");
       var f = el("span", "tf-fill");
       f.style.width = Math.round((num(r[3]) || 0) * 100) + "%";
       bar.appendChild(f);
