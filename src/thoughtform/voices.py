@@ -19,23 +19,25 @@ UnknownPolicy = Literal["lenient", "strict"]
 DEFAULT_VOICE = "main"
 MAX_NAME_LEN = 32
 
-# Eight colours picked so that every pair stays >= 15 CIELAB units apart under normal vision and
-# simulated deuteranopia and protanopia (Machado 2009), and each has >= 3:1 contrast on white
-# and on near-black, so blocks stay readable in light and dark themes (tests/test_voices.py).
+# Eight colours, each with >= 3:1 contrast on white and on #111111 (readable in light and dark
+# themes), and every pair, and each against the grey of ``main``, >= 14 CIELAB units apart under
+# normal vision and simulated deuteranopia and protanopia (Machado 2009). tests/test_voices.py
+# holds them to >= 12. Order follows the seed voices; hues stay close to the first palette.
 PALETTE: tuple[str, ...] = (
     "#BB5500",
     "#3366DD",
-    "#009977",
-    "#6600FF",
-    "#6699CC",
+    "#669933",
+    "#885588",
+    "#0099CC",
     "#CC0044",
-    "#AA0088",
+    "#EE22AA",
     "#DD11FF",
 )
 MAIN_COLOR = "#777777"
 
-_HEX = re.compile(r"^#[0-9A-Fa-f]{6}$")
-_TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
+# Used with fullmatch: "$" alone would also accept a trailing newline.
+_HEX = re.compile(r"#[0-9A-Fa-f]{6}")
+_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 
 
 class VoiceSetError(ValueError):
@@ -275,7 +277,7 @@ def voice_set_from_dict(data: Any, source: str = "<voices>") -> VoiceSet:
         raise _err(source, "(top level)", "must be a mapping with a 'voices' list")
     extra = set(data) - _SET_KEYS
     if extra:
-        raise _err(source, sorted(extra)[0], "unknown field")
+        raise _err(source, sorted(map(str, extra))[0], "unknown field")
     unknown = data.get("unknown", "lenient")
     if unknown not in ("lenient", "strict"):
         raise _err(source, "unknown", f"must be 'lenient' or 'strict', got {unknown!r}")
@@ -297,14 +299,14 @@ def voice_set_from_dict(data: Any, source: str = "<voices>") -> VoiceSet:
             raise _err(source, where, "must be a mapping or a name")
         extra = set(rv) - _VOICE_KEYS
         if extra:
-            raise _err(source, f"{where}.{sorted(extra)[0]}", "unknown field")
+            raise _err(source, f"{where}.{sorted(map(str, extra))[0]}", "unknown field")
         name = rv.get("name")
         if not isinstance(name, str) or not name:
             raise _err(source, f"{where}.name", "is required and must be a non-empty string")
         syntax = rv.get("syntax", default_syntax)
         if syntax not in ("bracket", "tag"):
             raise _err(source, f"{where}.syntax", f"must be 'bracket' or 'tag', got {syntax!r}")
-        valid = _TAG_NAME.match if syntax == "tag" else is_valid_name
+        valid = _TAG_NAME.fullmatch if syntax == "tag" else is_valid_name
         if not valid(name):
             raise _err(
                 source,
@@ -315,17 +317,20 @@ def voice_set_from_dict(data: Any, source: str = "<voices>") -> VoiceSet:
         aliases_raw = rv.get("aliases", []) or []
         if not isinstance(aliases_raw, list) or not all(isinstance(a, str) for a in aliases_raw):
             raise _err(source, f"{where}.aliases", "must be a list of strings")
-        for a in aliases_raw:
+        for j, a in enumerate(aliases_raw):
             if not valid(a):
-                raise _err(source, f"{where}.aliases", f"{a[:40]!r} is not a valid name")
-        for key in (name, *aliases_raw):
+                raise _err(source, f"{where}.aliases[{j}]", f"{a[:40]!r} is not a valid name")
+        for pos, key in enumerate((name, *aliases_raw)):
             k = key.casefold()
             if k in seen:
-                raise _err(source, f"{where}.name", f"{key!r} is already used by {seen[k]!r}")
+                fld = f"{where}.name" if pos == 0 else f"{where}.aliases[{pos - 1}]"
+                raise _err(source, fld, f"{key!r} is already used by {seen[k]!r}")
             seen[k] = name
         color = _str(source, f"{where}.color", rv.get("color"))
-        if color and not _HEX.match(color):
-            raise _err(source, f"{where}.color", f"must be a hex colour like '#3366DD', got {color!r}")
+        if color and not _HEX.fullmatch(color):
+            raise _err(
+                source, f"{where}.color", f"must be a hex colour like '#3366DD', got {color!r}"
+            )
         lane = rv.get("lane", i + 1)
         if isinstance(lane, bool) or not isinstance(lane, int):
             raise _err(source, f"{where}.lane", "must be an integer")
