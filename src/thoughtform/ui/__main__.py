@@ -20,7 +20,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--db")
     p.add_argument("--no-voice-prompt", action="store_true")
+    p.add_argument("--auth", help="USER:PASS")
+    p.add_argument("--insecure", action="store_true")
     a = p.parse_args(argv)
+    auth = None
+    if a.auth:
+        user, _, pw = a.auth.partition(":")
+        auth = (user, pw)
     from .app import serve
 
     serve(
@@ -35,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
             db=a.db,
             voice_prompt=not a.no_voice_prompt,
             replay_rate=a.rate,
+            auth=auth,
+            insecure=a.insecure,
         )
     )
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class Server:
         voices: str = "seed",
         port: int | None = None,
         timeout: float = 90.0,
+        extra: list[str] | None = None,
     ) -> None:
         self.db = db
         self.port = port or free_port()
@@ -57,6 +59,7 @@ class Server:
             cmd += ["--model", model]
         if backend is not None:
             cmd += ["--backend", backend]
+        cmd += extra or []
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
         self.log = db.with_suffix(f".{self.port}.log")
         self._log = open(self.log, "wb")
@@ -69,6 +72,8 @@ class Server:
                 with urllib.request.urlopen(self.url, timeout=2) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError:
+                break  # it answers (a login page with auth on)
             except OSError:
                 pass
             if time.monotonic() > deadline:
