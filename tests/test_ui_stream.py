@@ -303,3 +303,58 @@ def test_attention_is_labelled_by_segment(tmp_path: Path) -> None:
     assert wb.attention(tab.sid or "", 10_000) is None
     assert wb.attention("bad id!", 1) is None
     wb.close()
+
+
+def test_long_session_reset_is_capped(tmp_path: Path) -> None:
+    from thoughtform.ui.service import MAX_RESET_MESSAGES
+
+    wb = make_wb(tmp_path)
+    sid = wb.new_session().id
+    for k in range(MAX_RESET_MESSAGES + 50):
+        wb.store.add_message(sid, "user", f"message {k}")
+    pl, tab = wb.reset_payload(sid)
+    evs = json.loads(pl)["ev"]
+    assert ["X", 50] in evs
+    ms = [e for e in evs if e[0] == "M"]
+    assert len(ms) == MAX_RESET_MESSAGES
+    assert next(e for e in evs if e[0] == "T")[1] == "message 50"
+    assert tab.known == MAX_RESET_MESSAGES + 50
+    wb.close()
+
+
+def test_replay_dir_only_serves_its_own_files(tmp_path: Path) -> None:
+    from thoughtform.ui.service import WorkbenchError
+
+    cfg = ServeConfig(backend="replay", replay=str(FIX), db=str(tmp_path / "s.db"))
+    wb = Workbench(cfg)
+    assert "voices.jsonl" in wb.replay_files()
+    assert wb.replay_path("long.txt") == FIX / "long.txt"
+    for bad in ("../test_ui_stream.py", "/etc/passwd", str(FIX / "voices.jsonl"), "nope.jsonl"):
+        with pytest.raises(WorkbenchError):
+            wb.replay_path(bad)
+    assert wb.default_settings()["backend"] == "replay"
+    wb.close()
+
+
+def test_voice_editor_rows_and_yaml() -> None:
+    from thoughtform.ui.app import voices_from_rows, voices_from_yaml
+    from thoughtform.voices import VoiceSetError
+
+    seed = PRESETS["seed"]
+    rows = [
+        ["Echo", "#112233", "◎", "bracket", "echo-voice, ECHO2", "reflects"],
+        ["think", "", "", "tag", "", "reasons"],
+        ["", "", "", "", "", ""],  # blank rows are ignored
+    ]
+    vs = voices_from_rows(rows, seed)
+    assert [v.name for v in vs.voices] == ["Echo", "think"]
+    assert vs.get("echo-voice") is vs.get("Echo") and vs.color_of("Echo") == "#112233"
+    assert vs.voice("think").syntax == "tag" and vs.voice("think").color  # colour filled in
+    assert vs.unknown == seed.unknown and vs.default_voice == seed.default_voice
+    with pytest.raises(VoiceSetError, match="color"):
+        voices_from_rows([["Echo", "red;background:url(x)", "", "", "", ""]], seed)
+    with pytest.raises(VoiceSetError, match="name"):
+        voices_from_rows([['<img src=x onerror="alert(1)">', "", "", "", "", ""]], seed)
+    assert voices_from_yaml(seed.to_yaml()) == seed
+    with pytest.raises(VoiceSetError, match="line"):
+        voices_from_yaml("voices: [\n  - name: x\n bad")

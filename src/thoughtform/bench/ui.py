@@ -235,7 +235,7 @@ def bench_ui(tokens: int = 4000, json: bool = False, rate: float = 0.0) -> dict[
             srv.stop()
     rows: list[tuple[int, int, float]] = []
     ms_of = {e[4]: float(e[3]) for e in res["log"] if len(e) > 4}
-    seen: set[int] = set()
+    seen: set[Any] = set()
     for _t, size, msg in res["sse"]:
         data = msg.split("data:", 1)[1].strip() if "data:" in msg else ""
         try:

@@ -202,7 +202,8 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 voices_table = gr.Dataframe(
                     headers=VOICE_COLUMNS,
                     datatype=["str"] * len(VOICE_COLUMNS),
-                    column_count=(len(VOICE_COLUMNS), "fixed"),
+                    column_count=len(VOICE_COLUMNS),
+                    column_limits=(len(VOICE_COLUMNS), len(VOICE_COLUMNS)),
                     type="array",
                     interactive=True,
                     label="Voices (color #RRGGBB; syntax bracket = [Name], tag = <name>…</name>)",
@@ -392,7 +393,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 raise _error(e) from None
 
         def on_preset(tab: dict[str, Any], name: str | None) -> list[Any]:
-            if name not in PRESETS:
+            if name is None or name not in PRESETS:
                 raise _error(WorkbenchError("pick a preset first"))
             return apply_voices(tab, PRESETS[name])
 
@@ -486,7 +487,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         save_yaml_btn.click(on_save_yaml, tab_state, yaml_file)
         export_btn.click(on_export, [tab_state, export_kind, export_which], export_file)
         import_file_c.upload(on_import, import_file_c, view_outputs, show_progress="hidden")
-    demo.workbench = wb  # type: ignore[attr-defined]
+    demo.workbench = wb
     return demo
 
 

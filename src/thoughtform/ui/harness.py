@@ -110,8 +110,8 @@ def open_page(browser: Any, url: str, width: int = 1400, height: int = 1000) -> 
     """A fresh page on the workbench, once its renderer shows a session."""
     ctx = browser.new_context(viewport={"width": width, "height": height})
     page = ctx.new_page()
-    page.errors = []  # type: ignore[attr-defined]
-    page.dialogs = []  # type: ignore[attr-defined]
+    page.errors = []
+    page.dialogs = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
 
     def on_dialog(d: Any) -> None:

@@ -21,6 +21,7 @@ from .stream import Encoder, Run, payload
 
 BACKENDS = ("llamacpp", "openai", "replay", "transformers")
 MAX_PROMPT_CHARS = 100_000
+MAX_RESET_MESSAGES = 400  # a reopened session shows at most this many recent messages
 YIELD_EVERY_S = 0.03  # how often a streaming reply pushes a payload (tokens are batched)
 
 
@@ -77,8 +78,10 @@ class Workbench:
     def default_settings(self) -> dict[str, Any]:
         """Settings a new session starts with (from how the server was started)."""
         c = self.config
+        # --replay means "instead of a model": it wins over the default backend.
+        backend = "replay" if c.replay and c.backend == "llamacpp" else c.backend
         return {
-            "backend": c.backend,
+            "backend": backend,
             "model": c.model or "",
             "base_url": c.base_url or "",
             "temperature": 0.7,
@@ -192,9 +195,14 @@ class Workbench:
         vs = self.voices_of(info)
         enc = Encoder(vs)
         msgs = self.store.messages(info.id)
+        per_msg = [self._encode_message(enc, m) for m in msgs]
         evs: list[list[Any]] = [["R"], enc.voices_event(), ["N", info.id, info.title]]
-        for m in msgs:
-            evs += self._encode_message(enc, m)
+        # A very long session shows its most recent messages (stats still cover all of it).
+        skipped = max(0, len(per_msg) - MAX_RESET_MESSAGES)
+        if skipped:
+            evs.append(["X", skipped])
+        for m_evs in per_msg[skipped:]:
+            evs += m_evs
         evs.append(enc.stats_event())
         with self._elock:
             self._encoders[info.id] = (enc, len(msgs), vs.to_yaml())

@@ -11,6 +11,7 @@ Events are short arrays (the first item says which)::
     ["R"]                                                                  clear the view
     ["V", [[name, color, glyph, lane, description], ...], default_voice]   declared voices
     ["N", session_id, title]                                               the session shown
+    ["X", count]                                                           older messages not shown
     ["M", message_id, role, status, token_base]                            a message begins
     ["O", voice, color, marker, token|null]                                a voice block opens
     ["T", text, token|null]                                                text for that block

@@ -920,6 +920,11 @@
         case "V":
           this.setVoices(e[1], e[2]);
           break;
+        case "X":
+          this.chatEl.appendChild(
+            el("p", "tf-empty tf-skipped", (num(e[1]) || 0) + " earlier messages are not shown here (export the session to see them).")
+          );
+          break;
         case "N":
           this.sid = str(e[1]);
           this.host.dataset.session = this.sid;
