@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -28,6 +29,39 @@ def _num(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def _jsonable(x: Any) -> Any:
+    """``x`` made strict-JSON safe: non-finite floats become null, tuples lists, bytes hex,
+    and anything else unknown its ``str`` (metadata must never stop a trace being written)."""
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (bytes, bytearray)):
+        return bytes(x).hex()
+    return str(x)
+
+
+def _meta_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """The meta record; ``type`` and ``schema`` in ``meta`` cannot override the real ones."""
+    rest = {k: v for k, v in meta.items() if k not in ("type", "schema")}
+    return {"type": "meta", "schema": SCHEMA, **_jsonable(rest)}
+
+
+def _round4(x: float) -> float | None:
+    """A weight rounded for storage; NaN/inf become null."""
+    f = _num(x)
+    return None if f is None else round(f, 4)
+
+
+def _weight(x: Any) -> float:
+    """A stored weight: null (written for NaN/inf) reads back as NaN."""
+    return math.nan if x is None else float(x)
 
 
 @dataclass(slots=True)
@@ -73,18 +107,18 @@ class AttentionSummary:
     def to_dict(self) -> dict[str, Any]:
         """JSON form, weights rounded to 4 decimals."""
         return {
-            "segment_mass": [[[i, round(m, 4)] for i, m in layer] for layer in self.segment_mass],
-            "top": [[[p, round(w, 4)] for p, w in layer] for layer in self.top],
-            "prompt_mass": [round(x, 4) for x in self.prompt_mass],
+            "segment_mass": [[[i, _round4(m)] for i, m in layer] for layer in self.segment_mass],
+            "top": [[[p, _round4(w)] for p, w in layer] for layer in self.top],
+            "prompt_mass": [_round4(x) for x in self.prompt_mass],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttentionSummary:
         """Inverse of :meth:`to_dict`."""
         return cls(
-            segment_mass=[[(int(i), float(m)) for i, m in layer] for layer in d["segment_mass"]],
-            top=[[(int(p), float(w)) for p, w in layer] for layer in d["top"]],
-            prompt_mass=[float(x) for x in d.get("prompt_mass", [])],
+            segment_mass=[[(int(i), _weight(m)) for i, m in layer] for layer in d["segment_mass"]],
+            top=[[(int(p), _weight(w)) for p, w in layer] for layer in d["top"]],
+            prompt_mass=[_weight(x) for x in d.get("prompt_mass") or []],
         )
 
 
@@ -121,9 +155,10 @@ class TokenRecord:
         if self.attention is not None:
             d["attention"] = self.attention.to_dict()
         if self.lens is not None:
-            d["lens"] = self.lens
-        if self.t is not None:
-            d["t"] = round(self.t, 6)
+            d["lens"] = [str(x) for x in self.lens]
+        t = _num(self.t)
+        if t is not None:
+            d["t"] = round(t, 6)
         return d
 
     @classmethod
@@ -214,7 +249,7 @@ class Trace:
 
     def records(self) -> Iterator[dict[str, Any]]:
         """All JSONL records in file order."""
-        yield {"type": "meta", "schema": SCHEMA, **self.meta}
+        yield _meta_record(self.meta)
         if self.source_text is not None:
             yield {"type": "text", "text": self.source_text}
         for t in self.tokens:
@@ -222,7 +257,7 @@ class Trace:
         for s in self.segments:
             yield segment_to_record(s)
         if self.finish is not None:
-            yield {"type": "end", **self.finish}
+            yield _end_record(self.finish)
 
     def to_jsonl(self) -> str:
         """The trace as JSONL text."""
@@ -236,6 +271,11 @@ class Trace:
         from .render.html import render_fragment
 
         return render_fragment(self)
+
+
+def _end_record(finish: dict[str, Any]) -> dict[str, Any]:
+    """The end record (``type`` in ``finish`` cannot override it)."""
+    return {"type": "end", **_jsonable({k: v for k, v in finish.items() if k != "type"})}
 
 
 def _dumps(rec: dict[str, Any]) -> str:
@@ -256,26 +296,47 @@ def is_trace_text(head: str) -> bool:
 
 
 def parse_trace_lines(
-    lines: Iterable[str], source: str = "<trace>", errors: list[str] | None = None
+    lines: Iterable[str | bytes] | str,
+    source: str = "<trace>",
+    errors: list[str] | None = None,
 ) -> Trace:
-    """Build a trace from JSONL lines; bad lines raise TraceError, or are reported into
-    ``errors`` (``"source:line: reason"``) and skipped when a list is given."""
+    """Build a trace from JSONL lines (str, or bytes decoded as UTF-8; a whole str is split).
+
+    Bad lines raise TraceError naming ``source`` and the line, or, when ``errors`` is a list,
+    are reported into it (``"source:line: reason"``) and skipped, keeping every valid record.
+    A torn last line (no newline after it, as a crash mid-write leaves) is not an error: the
+    trace simply has no end record and loads as interrupted.
+    """
+    if isinstance(lines, str):
+        lines = io.StringIO(lines, newline="")
     trace = Trace()
     seen_meta = False
+    terminated = False  # whether the previous line ended with a newline (so lines carry them)
 
     def bad(lineno: int, why: str) -> None:
-        msg = f"{source}:{lineno}: {why}"
+        msg = f"{source}:{lineno}: {why}" if lineno else f"{source}: {why}"
         if errors is None:
             raise TraceError(msg)
         errors.append(msg)
 
     for lineno, raw in enumerate(lines, 1):
+        if isinstance(raw, (bytes, bytearray)):
+            try:
+                raw = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad(lineno, f"not valid UTF-8 (byte {e.start + 1} of the line)")
+                terminated = raw.endswith(b"\n")
+                continue
+        torn = terminated and not raw.endswith(("\n", "\r"))
+        terminated = raw.endswith(("\n", "\r"))
         line = raw.lstrip("\ufeff").strip() if lineno == 1 else raw.strip()
         if not line:
             continue
         try:
             rec = json.loads(line)
         except ValueError as e:
+            if torn:
+                continue  # an interrupted write: the trace just ends before this line
             bad(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
             continue
         if not isinstance(rec, dict):
@@ -283,24 +344,18 @@ def parse_trace_lines(
             continue
         kind = rec.get("type")
         if not seen_meta:
-            if kind != "meta":
-                bad(lineno, "the first record must be {\"type\":\"meta\",...}")
-                if errors is None:
-                    continue
-            else:
+            seen_meta = True
+            if kind == "meta":
                 schema = rec.get("schema")
                 if schema != SCHEMA:
                     bad(lineno, f"unsupported schema {schema!r} (expected {SCHEMA})")
-                meta = {k: v for k, v in rec.items() if k not in ("type", "schema")}
-                trace.meta = meta
-                seen_meta = True
+                trace.meta = {k: v for k, v in rec.items() if k not in ("type", "schema")}
                 continue
+            # Reported once; in lenient mode the records are kept under an empty meta.
+            bad(lineno, 'the first record must be {"type":"meta",...}')
         try:
             if kind == "token":
-                tok = TokenRecord.from_dict(rec)
-                if tok.index != len(trace.tokens):
-                    raise ValueError(f"token index {tok.index}, expected {len(trace.tokens)}")
-                trace.tokens.append(tok)
+                _add_token(trace, TokenRecord.from_dict(rec), errors is not None)
             elif kind == "segment":
                 trace.segments.append(segment_from_record(rec))
             elif kind == "text":
@@ -313,6 +368,8 @@ def parse_trace_lines(
                 raise ValueError("a second meta record")
             else:
                 raise ValueError(f"unknown record type {kind!r}")
+        except _Gap as e:
+            bad(lineno, str(e))
         except KeyError as e:
             bad(lineno, f"{kind} record: missing field {e.args[0]!r}")
         except (TypeError, ValueError) as e:
@@ -322,20 +379,39 @@ def parse_trace_lines(
     return trace
 
 
+class _Gap(Exception):
+    """Token records were missing before this one (reported; the token is still kept)."""
+
+
+def _add_token(trace: Trace, tok: TokenRecord, lenient: bool) -> None:
+    """Append ``tok``; its index must be the next one. Leniently, a gap left by skipped lines
+    is filled with empty placeholders so ``tokens[i].index == i`` still holds."""
+    want = len(trace.tokens)
+    if tok.index == want:
+        trace.tokens.append(tok)
+        return
+    if not lenient or tok.index < want:
+        raise ValueError(f"token index {tok.index}, expected {want}")
+    trace.tokens.extend(TokenRecord(index=i, text="") for i in range(want, tok.index))
+    trace.tokens.append(tok)
+    raise _Gap(f"token records {want}..{tok.index - 1} are missing (kept as empty tokens)")
+
+
 def load_trace(path: str | Path, errors: list[str] | None = None) -> Trace:
     """Load a trace JSONL file (streaming, line by line); see :func:`parse_trace_lines`."""
     p = Path(path)
     try:
-        fh = open(p, encoding="utf-8", errors="strict", newline="")
+        fh = open(p, "rb")
     except FileNotFoundError:
         raise TraceError(f"{p}: file not found") from None
     except OSError as e:
         raise TraceError(f"{p}: cannot read: {e.strerror}") from None
     with fh:
         try:
+            # Binary lines, decoded one by one, so a bad byte is reported with its line.
             return parse_trace_lines(fh, str(p), errors)
-        except UnicodeDecodeError as e:
-            raise TraceError(f"{p}: byte {e.start}: not valid UTF-8") from None
+        except OSError as e:
+            raise TraceError(f"{p}: cannot read: {e.strerror}") from None
 
 
 class TraceWriter:
@@ -346,7 +422,7 @@ class TraceWriter:
         self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
         self._flush_every = max(1, flush_every)
         self._since = 0
-        self._write({"type": "meta", "schema": SCHEMA, **meta})
+        self._write(_meta_record(meta))
         self._fh.flush()
 
     def _write(self, rec: dict[str, Any]) -> None:
@@ -367,7 +443,15 @@ class TraceWriter:
 
     def end(self, finish: dict[str, Any]) -> None:
         """Append the end record and close the file."""
-        self._write({"type": "end", **finish})
+        self._write(_end_record(finish))
+        self.close()
+
+    def __enter__(self) -> TraceWriter:
+        """Use as a context manager: the file is closed (not ended) on leaving."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the file; without :meth:`end` the trace loads as interrupted."""
         self.close()
 
     def close(self) -> None:
