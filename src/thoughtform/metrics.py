@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,23 +32,27 @@ def entropy_bounds(
 ) -> tuple[float, float | None]:
     """Bounds (nats) on the entropy of a distribution known only by its top-k logprobs.
 
-    The unseen tail has mass r = 1 - sum(top). Each tail token has p <= min(top), so the tail
-    adds at least r * -log(min p) (lower bound); spread evenly over the remaining vocabulary it
-    adds at most r * log((V - k) / r) (upper bound, needs V).
+    The unseen tail has mass r = 1 - sum(top), and no unseen token is likelier than the least
+    likely listed one (p_min), so the list must really be the top k. The tail's entropy is
+    smallest when it is packed into as many tokens of p_min as fit plus one remainder (lower
+    bound), and largest when spread evenly over the other V - k tokens (upper bound, needs V).
     """
-    probs = [math.exp(lp) for lp in top_logprobs if _finite(lp)]
+    probs = [min(math.exp(lp), 1.0) for lp in top_logprobs if _finite(lp)]
+    probs = [p for p in probs if p > 0]
     if not probs:
         return 0.0, (math.log(vocab_size) if vocab_size else None)
-    probs = [min(p, 1.0) for p in probs]
-    head = -sum(p * math.log(p) for p in probs if p > 0)
-    tail = max(0.0, 1.0 - sum(probs))
+    head = -sum(p * math.log(p) for p in probs)
+    tail = 1.0 - sum(probs)
     if tail <= 1e-12:
         return head, head
     pmin = min(probs)
-    lower = head + tail * -math.log(max(pmin, 1e-300))
+    full = math.floor(tail / pmin)
+    rest = max(0.0, tail - full * pmin)
+    lower = head + full * pmin * -math.log(pmin) + (rest * -math.log(rest) if rest > 0 else 0.0)
     upper = None
     if vocab_size and vocab_size > len(probs):
         upper = head + tail * math.log((vocab_size - len(probs)) / tail)
+        # Inconsistent inputs (a vocabulary too small for the tail) must not invert the bounds.
         upper = max(upper, lower)
     return lower, upper
 
@@ -73,10 +78,13 @@ def margin(tok: TokenRecord) -> float | None:
 
 def rank(tok: TokenRecord) -> int | None:
     """1-based rank of the chosen token among the alternatives (None when not among them)."""
-    for i, a in enumerate(sorted(tok.top, key=lambda a: -(a.logprob or -math.inf))):
-        if (a.token_id is not None and a.token_id == tok.token_id) or (
-            a.token_id is None and a.text == tok.text
-        ):
+    ranked = sorted(tok.top, key=lambda a: -a.logprob if _finite(a.logprob) else math.inf)
+    for i, a in enumerate(ranked):
+        # Same token id when both are known, else the same text.
+        if a.token_id is not None and tok.token_id is not None:
+            if a.token_id == tok.token_id:
+                return i + 1
+        elif a.text == tok.text:
             return i + 1
     return None
 
@@ -153,6 +161,6 @@ def transition_matrix(
         seq.append(s.voice)
     idx = {v: i for i, v in enumerate(order)}
     m = [[0] * len(order) for _ in order]
-    for a, b in zip(seq, seq[1:], strict=False):
+    for a, b in itertools.pairwise(seq):
         m[idx[a]][idx[b]] += 1
     return order, m
