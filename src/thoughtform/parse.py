@@ -4,12 +4,16 @@ Shape borrowed from httpx's incremental decoders: each call scans only the new t
 held-back tail that might still become a marker (never longer than the longest marker), so the
 total work is O(n) and the result does not depend on how the input was split.
 
-Rules (see README, "Voice markers"):
+Rules (see README, "Voice markers"; tests/test_parse.py holds a whole-text reference version):
 - ``[Name]`` opens a voice at the start of a line (after optional spaces/tabs), not when followed
-  by ``(`` (a Markdown link); an optional ``:`` after it belongs to the marker.
+  by ``(`` (a Markdown link); an optional ``:`` after it belongs to the marker. Name is a declared
+  name or alias (any case; the declared spelling is used) or, in lenient sets, any well-formed
+  name (the first spelling seen is used; ``[Main]`` means the default voice).
 - ``[/Name]`` anywhere closes the open voice ``Name``; what follows belongs to the default voice.
 - ``<name>`` / ``</name>`` open and close tag-syntax voices anywhere in a line.
-- Inside a fenced code block (``` or ~~~) nothing is a marker.
+- Inside a fenced code block (3+ ``` or ~~~ at a line start, closed by a line of at least as many
+  of the same character and only spaces after) nothing is a marker.
+- Only a line feed ends a line (CRLF works; a lone CR does not).
 """
 
 from __future__ import annotations
