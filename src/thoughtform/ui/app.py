@@ -203,7 +203,6 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                     headers=VOICE_COLUMNS,
                     datatype=["str"] * len(VOICE_COLUMNS),
                     column_count=len(VOICE_COLUMNS),
-                    column_limits=(len(VOICE_COLUMNS), len(VOICE_COLUMNS)),
                     type="array",
                     interactive=True,
                     label="Voices (color #RRGGBB; syntax bracket = [Name], tag = <name>…</name>)",
@@ -505,6 +504,7 @@ def launch_kwargs(config: ServeConfig) -> dict[str, Any]:
         "inbrowser": False,
         "enable_monitoring": False,
         "show_error": True,
+        "quiet": True,  # we print our own line (Gradio's suggests share=True, never used here)
     }
 
 
@@ -519,6 +519,9 @@ def serve(config: ServeConfig) -> None:
     wb = Workbench(config)
     demo = build_app(config, wb)
     demo.queue(default_concurrency_limit=1, max_size=64)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"thoughtform workbench on http://{host}:{config.port}/  (sessions: {wb.store.path})")
+    sys.stdout.flush()
     try:
         demo.launch(**launch_kwargs(config))
     finally:

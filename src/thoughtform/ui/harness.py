@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("THOUGHTFORM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -102,8 +102,10 @@ class Server:
 
 
 def launch(pw: Any) -> Any:
-    """Debian's Chromium through Playwright."""
-    return pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    """Chromium through Playwright: the system one (Debian's, or ``$THOUGHTFORM_CHROMIUM``) when
+    present, else Playwright's own download."""
+    exe = CHROMIUM if Path(CHROMIUM).exists() else None
+    return pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
 
 
 def open_page(browser: Any, url: str, width: int = 1400, height: int = 1000) -> Any:
