@@ -155,6 +155,7 @@ BAD_LINES = [
         "invalid JSON (Expecting property name enclosed in double quotes at column 2)",
     ),
     ([META, "[1, 2]"], 2, "expected a JSON object, got list"),
+    ([META, "[" * 100_000], 2, "invalid JSON (nested too deeply)"),
     ([META, TOKEN0, '{"type":"token","text":"b"}'], 3, "token record: missing field 'index'"),
     (
         [META, '{"type":"token","index":"0","text":"a"}'],

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .parse import Segment
-from .trace import TokenRecord
+from .trace import Alternative, TokenRecord
 
 LN2 = math.log(2)
 
@@ -70,7 +70,8 @@ def entropy(tok: TokenRecord) -> float | None:
 
 def margin(tok: TokenRecord) -> float | None:
     """Top-1 minus top-2 probability: how decided the step was."""
-    ps = sorted((math.exp(a.logprob) for a in tok.top if _finite(a.logprob)), reverse=True)
+    lps = [a.logprob for a in tok.top if a.logprob is not None and math.isfinite(a.logprob)]
+    ps = sorted((math.exp(lp) for lp in lps), reverse=True)
     if len(ps) < 2:
         return None
     return ps[0] - ps[1]
@@ -78,7 +79,12 @@ def margin(tok: TokenRecord) -> float | None:
 
 def rank(tok: TokenRecord) -> int | None:
     """1-based rank of the chosen token among the alternatives (None when not among them)."""
-    ranked = sorted(tok.top, key=lambda a: -a.logprob if _finite(a.logprob) else math.inf)
+
+    def key(a: Alternative) -> float:
+        lp = a.logprob
+        return -lp if lp is not None and math.isfinite(lp) else math.inf
+
+    ranked = sorted(tok.top, key=key)
     for i, a in enumerate(ranked):
         # Same token id when both are known, else the same text.
         if a.token_id is not None and tok.token_id is not None:

@@ -321,11 +321,12 @@ def parse_trace_lines(
 
     for lineno, raw in enumerate(lines, 1):
         if isinstance(raw, (bytes, bytearray)):
+            data = bytes(raw)
             try:
-                raw = bytes(raw).decode("utf-8")
+                raw = data.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad(lineno, f"not valid UTF-8 (byte {e.start + 1} of the line)")
-                terminated = raw.endswith(b"\n")
+                terminated = data.endswith(b"\n")
                 continue
         torn = terminated and not raw.endswith(("\n", "\r"))
         terminated = raw.endswith(("\n", "\r"))
@@ -334,10 +335,13 @@ def parse_trace_lines(
             continue
         try:
             rec = json.loads(line)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             if torn:
                 continue  # an interrupted write: the trace just ends before this line
             bad(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        except RecursionError:
+            bad(lineno, "invalid JSON (nested too deeply)")
             continue
         if not isinstance(rec, dict):
             bad(lineno, f"expected a JSON object, got {type(rec).__name__}")

@@ -99,4 +99,6 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(bench_parse(*(float(a) for a in sys.argv[1:2])), indent=2))
+    size = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
+    piece = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    print(json.dumps(bench_parse(size, piece), indent=2))
