@@ -1,0 +1,1 @@
+"""Evaluations of voiced generation (``thoughtform eval ...``)."""
