@@ -43,7 +43,7 @@ BUCKET_EDGES: tuple[float, ...] = (0.9, 0.6, 0.3, 0.1, 0.01)
 
 def safe_color(value: str, fallback: str = MAIN_COLOR) -> str:
     """``value`` when it is a ``#RRGGBB`` hex colour, else ``fallback`` (colours reach CSS)."""
-    return value.upper() if isinstance(value, str) and _HEX.match(value) else fallback
+    return value.upper() if isinstance(value, str) and _HEX.fullmatch(value) else fallback
 
 
 def prob_bucket(logprob: float | None) -> int | None:

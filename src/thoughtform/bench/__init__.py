@@ -1,0 +1,1 @@
+"""Benchmarks: parse, backend, ui (``thoughtform bench ...``)."""
