@@ -209,7 +209,20 @@ def test_hostile_transcript_runs_nothing(page: Any, server: Server) -> None:
         '<img src=x onerror="window.__pwned=22">'
     )
     page.click("#rename")
-    time.sleep(0.5)
+    page.wait_for_function(
+        "() => document.querySelector('#session input').value.includes('onerror')", timeout=10_000
+    )
+    page.click("#session input")  # open the list: session titles render as text there too
+    time.sleep(0.3)
+    page.keyboard.press("Escape")
+    # An error toast that quotes a hostile voice name shows it as text.
+    page.get_by_role("tab", name="Voices").click()
+    page.locator("#voices-yaml .cm-content").fill(
+        "voices: ['<img src=x onerror=window.__pwned=30>']"
+    )
+    page.click("#apply-yaml")
+    page.get_by_text("is not a valid bracket name").first.wait_for(timeout=10_000)
+    page.get_by_role("tab", name="Workbench").click()
     for view in ("tokens", "lanes", "stats", "chat"):
         page.click(f"#tf-wb .tf-viewtab[data-view={view}]")
         if view == "tokens":
@@ -225,11 +238,12 @@ def test_hostile_transcript_runs_nothing(page: Any, server: Server) -> None:
           const tags = w.querySelectorAll('script, img, svg, iframe, style, object, embed, a, b, link, meta');
           const on = Array.from(w.querySelectorAll('*')).filter(
             e => Array.from(e.attributes).some(a => a.name.startsWith('on')));
-          const side = document.querySelectorAll('img[src=x], body script:not([src])').length;
+          const side = document.querySelectorAll('img[src=x], iframe, object, embed').length +
+            Array.from(document.scripts).filter(x => x.textContent.includes('__pwned')).length;
           return [tags.length, on.length, side];
         }"""
     )
-    assert bad[0] == 0 and bad[1] == 0
+    assert bad == [0, 0, 0]
     text = page.inner_text("#tf-wb .tf-chat")
     assert "<script>window.__pwned=1</script>" in text  # shown as text, verbatim
     assert "onerror" in text
