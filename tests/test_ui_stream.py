@@ -358,3 +358,36 @@ def test_voice_editor_rows_and_yaml() -> None:
     assert voices_from_yaml(seed.to_yaml()) == seed
     with pytest.raises(VoiceSetError, match="line"):
         voices_from_yaml("voices: [\n  - name: x\n bad")
+
+
+class _DiesMidStream:
+    """A backend whose connection drops after three tokens (an exception, not a FinishEvent)."""
+
+    name = "dies"
+
+    def stream(self, request: Any, cancel: Any = None) -> Any:
+        from thoughtform.backends.base import TokenEvent
+
+        yield TokenEvent(text="[Echo] ")
+        yield TokenEvent(text="half ")
+        yield TokenEvent(text="a <b>thought</b>")
+        raise ConnectionResetError("peer reset")
+
+    def close(self) -> None:
+        pass
+
+
+def test_backend_dying_mid_stream_keeps_the_partial_reply(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path)
+    wb.backend_for = lambda s: _DiesMidStream()  # type: ignore[method-assign]
+    _, tab = wb.reset_payload(None)
+    payloads, _ = collect(wb, tab, "go")
+    rep = reply_events(flat(payloads))
+    assert rep[-1][:2] == ["E", "error"] and "peer reset" in rep[-1][2]
+    assert [e[1] for e in rep if e[0] == "O"] == ["Echo"]
+    msgs = wb.store.messages(tab.sid or "")
+    assert msgs[1].status == "error" and msgs[1].text == "[Echo] half a <b>thought</b>"
+    pl, _ = wb.reset_payload(tab.sid)  # reopened: still there, still marked as failed
+    ev = json.loads(pl)["ev"]
+    assert ["E", "error"] == next(e for e in ev if e[0] == "E")[:2]
+    wb.close()
