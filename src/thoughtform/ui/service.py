@@ -72,6 +72,7 @@ class Workbench:
         self._session_locks: dict[str, threading.Lock] = {}
         self.active: dict[str, Run] = {}  # session id -> its streaming run
         self.runs: OrderedDict[str, Run] = OrderedDict()  # recent runs, for gap fetches
+        self._export_dir: Path | None = None
 
     # -- settings ------------------------------------------------------------------------
 
@@ -323,6 +324,10 @@ class Workbench:
                     pass
             self._backends.clear()
         self.store.close()
+        if self._export_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._export_dir, ignore_errors=True)
 
     # -- chat ----------------------------------------------------------------------------
 
@@ -507,9 +512,10 @@ class Workbench:
     # -- files ---------------------------------------------------------------------------
 
     def export_dir(self) -> Path:
-        """Where exported files are written before the page downloads them."""
+        """Where exported files are written before the page downloads them: a private (0700)
+        temporary directory of this server, so other local users cannot read exports."""
         import tempfile
 
-        d = Path(tempfile.gettempdir()) / "thoughtform-exports"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        if self._export_dir is None or not self._export_dir.is_dir():
+            self._export_dir = Path(tempfile.mkdtemp(prefix="thoughtform-exports-"))
+        return self._export_dir

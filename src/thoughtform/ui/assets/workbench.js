@@ -14,6 +14,7 @@
 
   var HEX = /^#[0-9A-Fa-f]{6}$/;
   var MAIN = "#777777";
+  var LONG_LINE = 1500;
   var VIEWS = [
     ["chat", "Chat"],
     ["lanes", "Lanes"],
@@ -404,10 +405,20 @@
     for (var i = 0; i < parts.length; i++) {
       if (i > 0) {
         b.line = el("div", "tf-ln");
+        b.lineLen = 0;
         b.body.appendChild(b.line);
       }
       var piece = parts[i].replace(/\r/g, "");
-      if (piece) b.line.appendChild(document.createTextNode(piece));
+      if (!piece) continue;
+      // A paragraph that never ends would be laid out again in full for every token: past
+      // LONG_LINE characters continue it in a new box, at a word boundary.
+      if ((b.lineLen || 0) > LONG_LINE && /^\s/.test(piece)) {
+        b.line = el("div", "tf-ln tf-cont");
+        b.lineLen = 0;
+        b.body.appendChild(b.line);
+      }
+      b.line.appendChild(document.createTextNode(piece));
+      b.lineLen = (b.lineLen || 0) + piece.length;
     }
     this.scrollSoon(false);
   };
