@@ -377,3 +377,40 @@ def test_bfloat16_with_full_telemetry(backend: TransformersBackend, cache_dir: P
             assert t.attention is not None and len(t.attention.top) == N_LAYERS
     finally:
         be.close()
+
+
+def test_pipeline_summarises_attention_per_voice_segment(backend: TransformersBackend) -> None:
+    """Through Generation, attention mass is bucketed by the reply's own voice segments and
+    top positions map back to reply tokens via prompt_tokens."""
+    from thoughtform.backends import Message, Sampling
+
+    req = GenerationRequest(
+        messages=(
+            Message("system", "Answer as [Echo] then [Doubt], each on its own line."),
+            Message("user", "Is the sea blue?"),
+        ),
+        sampling=Sampling(temperature=0.0, max_tokens=24, seed=1),
+        attention=True,
+    )
+    gen = Generation(backend, req, voices="seed")
+    trace = gen.run()
+    n_segs = len(trace.segments)
+    assert n_segs >= 1
+    prompt = trace.finish["usage"]["prompt_tokens"]  # type: ignore[index]
+    for t in trace.tokens[1:]:
+        att = t.attention
+        assert att is not None and att.prompt_tokens == prompt
+        for layer in att.segment_mass:
+            assert all(0 <= si < n_segs for si, _ in layer)
+        for layer, pm in zip(att.segment_mass, att.prompt_mass, strict=True):
+            # Prompt mass plus per-segment mass covers the whole row (tiny buckets dropped).
+            assert pm + sum(m for _, m in layer) == pytest.approx(1.0, abs=0.01)
+        for layer in att.top:
+            for pos, _ in layer:
+                ri = att.reply_index(pos)
+                assert ri is None or ri < t.index  # only earlier reply tokens
+    # Each token's own segment index agrees with the segment whose token range holds it.
+    for t in trace.tokens:
+        si = gen.segment_of(t.index)
+        seg = trace.segments[si]
+        assert seg.tokens and seg.tokens[0] <= t.index <= seg.tokens[-1]

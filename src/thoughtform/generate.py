@@ -56,6 +56,9 @@ class Generation:
         cancel: threading.Event | None = None,
     ) -> None:
         self.backend = backend
+        if request.attention and request.segment_of is None:
+            # Attention mass is summarised per earlier voice segment, which only we know.
+            request = dataclasses.replace(request, segment_of=self.segment_of)
         self.request = request
         self.voices = resolve_voice_set(voices)
         self.parser = VoiceParser(self.voices, starts_in=starts_in)
@@ -77,6 +80,7 @@ class Generation:
         self._writer = TraceWriter(trace_path, m) if trace_path else None
         self._unresolved: list[TokenRecord] = []
         self._voice_of: dict[int, str] = {}
+        self._segment_of: dict[int, int] = {}
         self._ends: list[int] = []  # end offset of each token's text
         self._offset = 0
         self._written_segments = 0
@@ -134,15 +138,23 @@ class Generation:
         events = self.parser.feed(ev.text, idx)
         return Update(token=rec, events=events, resolved=self._absorb(events, final=False))
 
+    def segment_of(self, token: int) -> int:
+        """Index of the segment reply token ``token`` belongs to (the open one if not yet known)."""
+        seg = self._segment_of.get(token)
+        if seg is not None:
+            return seg
+        return max(0, len(self.builder.segments) - 1)
+
     def _absorb(self, events: list[Event], final: bool) -> list[TokenRecord]:
         """Apply parser events: segments, token voices; return tokens whose voice is settled."""
-        self.builder.add(events)
         for e in events:
+            self.builder.add((e,))
             # First voice wins: a token holding text and the start of a marker stays with the
             # text; a marker-only token belongs to the voice it opens (or closes).
             for tok in e.tokens:
                 if tok not in self._voice_of:
                     self._voice_of[tok] = e.voice
+                    self._segment_of[tok] = len(self.builder.segments) - 1
             if isinstance(e, VoiceEnd) and self._writer is not None:
                 self._write_segments(closed_only=True)
         settled = self.parser.emitted if not final else self._offset

@@ -103,6 +103,8 @@ class AttentionSummary:
     segment_mass: list[list[tuple[int, float]]]
     top: list[list[tuple[int, float]]]
     prompt_mass: list[float] = field(default_factory=list)
+    # Positions in ``top`` are absolute (prompt + reply); reply token i sits at prompt_tokens + i.
+    prompt_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, weights rounded to 4 decimals."""
@@ -110,7 +112,13 @@ class AttentionSummary:
             "segment_mass": [[[i, _round4(m)] for i, m in layer] for layer in self.segment_mass],
             "top": [[[p, _round4(w)] for p, w in layer] for layer in self.top],
             "prompt_mass": [_round4(x) for x in self.prompt_mass],
+            "prompt_tokens": self.prompt_tokens,
         }
+
+    def reply_index(self, position: int) -> int | None:
+        """The reply token index of an absolute ``top`` position (None for prompt positions)."""
+        i = position - self.prompt_tokens
+        return i if i >= 0 else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttentionSummary:
@@ -119,6 +127,7 @@ class AttentionSummary:
             segment_mass=[[(int(i), _weight(m)) for i, m in layer] for layer in d["segment_mass"]],
             top=[[(int(p), _weight(w)) for p, w in layer] for layer in d["top"]],
             prompt_mass=[_weight(x) for x in d.get("prompt_mass") or []],
+            prompt_tokens=int(d.get("prompt_tokens") or 0),
         )
 
 

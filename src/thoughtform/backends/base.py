@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -48,6 +48,9 @@ class GenerationRequest:
     logit_lens: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None
+    # Buckets earlier reply tokens for attention summaries (reply index -> bucket, e.g. its
+    # voice segment); set by the Generation pipeline, which knows the segments.
+    segment_of: Callable[[int], int] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_chat(self) -> bool:

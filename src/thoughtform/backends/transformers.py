@@ -596,7 +596,9 @@ class TransformersBackend:
                         tid,
                         logits,
                         k_alt,
-                        self._attention(out.attentions, prompt_len, n) if want_att else None,
+                        self._attention(out.attentions, prompt_len, n, request.segment_of)
+                        if want_att
+                        else None,
                         self._lens(out.hidden_states, raw_logits) if want_lens else None,
                     )
                     gen_ids.append(tid)
@@ -677,7 +679,13 @@ class TransformersBackend:
             lens=lens,
         )
 
-    def _attention(self, attentions: Any, prompt_len: int, n_gen: int) -> AttentionSummary | None:
+    def _attention(
+        self,
+        attentions: Any,
+        prompt_len: int,
+        n_gen: int,
+        segment_of: Callable[[int], int] | None = None,
+    ) -> AttentionSummary | None:
         """Compress this step's per-layer attention rows (see the module docstring)."""
         import torch
 
@@ -691,10 +699,11 @@ class TransformersBackend:
         g = gen_rows.shape[1]  # == n_gen: earlier generated tokens in the cache
         segment_mass: list[list[tuple[int, float]]] = [[] for _ in range(rows.shape[0])]
         if g:
-            if self.segment_of is None:
+            seg_of = segment_of or self.segment_of
+            if seg_of is None:
                 seg = torch.arange(g, device=rows.device) // self.bucket_tokens
             else:
-                seg = torch.tensor([int(self.segment_of(j)) for j in range(g)], device=rows.device)
+                seg = torch.tensor([int(seg_of(j)) for j in range(g)], device=rows.device)
             uniq, inv = torch.unique(seg, return_inverse=True)
             mass = torch.zeros(rows.shape[0], len(uniq), device=rows.device)
             mass.index_add_(1, inv, gen_rows)
@@ -705,7 +714,9 @@ class TransformersBackend:
                 ]
         w, pos = torch.topk(rows, min(TOP_POSITIONS, seq), dim=1)
         top = [list(zip(p, x, strict=True)) for p, x in zip(pos.tolist(), w.tolist(), strict=True)]
-        return AttentionSummary(segment_mass=segment_mass, top=top, prompt_mass=prompt_mass)
+        return AttentionSummary(
+            segment_mass=segment_mass, top=top, prompt_mass=prompt_mass, prompt_tokens=prompt_len
+        )
 
     def _lens(self, hidden_states: Any, final_logits: Any) -> tuple[str, ...] | None:
         """Top-1 token per layer through the final norm + lm_head."""

@@ -502,8 +502,12 @@ class Workbench:
                         seg_rows.append([f"#{si}", "", "#777777", mass, ""])
                 top_rows = []
                 for pos, w in att.top[li] if li < len(att.top) else []:
-                    label = repr(toks[pos].text)[1:-1][:40] if 0 <= pos < len(toks) else "(prompt)"
-                    top_rows.append([pos, base + pos if 0 <= pos < len(toks) else None, label, w])
+                    # ``top`` positions are absolute (prompt + reply): map to reply tokens.
+                    ri = att.reply_index(pos)
+                    if ri is not None and ri < len(toks):
+                        top_rows.append([pos, base + ri, repr(toks[ri].text)[1:-1][:40], w])
+                    else:
+                        top_rows.append([pos, None, "(prompt)", w])
                 prompt = att.prompt_mass[li] if li < len(att.prompt_mass) else None
                 layers.append({"segments": seg_rows, "top": top_rows, "prompt": prompt})
             return {"index": index, "text": tok.text, "layers": layers}
