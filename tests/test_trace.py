@@ -119,6 +119,7 @@ def test_non_finite_numbers_are_null(tmp_path: Path) -> None:
         "segment_mass": [[[0, None]]],
         "top": [[[0, None]]],
         "prompt_mass": [None],
+        "prompt_tokens": 0,
     }
     assert recs[2]["timings"] == {"tokens_per_s": None}
     back = parse_trace_lines(text.splitlines())

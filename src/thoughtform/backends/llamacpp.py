@@ -31,6 +31,11 @@ from .base import (
 
 MAX_ALTERNATIVES = 50
 
+# llama.cpp's OpenMP workers spin while waiting; on a busy machine (a browser, a test runner, the
+# UI) that collapses 2-core throughput from ~60 to ~1 tok/s, while passive waiting costs little
+# when idle. libgomp reads this once, when llama_cpp is first imported: so set it here, before.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _cores() -> int:
     try:
@@ -86,10 +91,6 @@ class LlamaCppBackend:
         lora_path: str | Path | None = None,
         seed: int | None = None,
     ) -> None:
-        # llama.cpp's OpenMP workers spin while waiting; on a busy machine (a browser, a test
-        # runner, the UI) that collapses 2-core throughput from ~60 to ~1 tok/s. Passive waiting
-        # costs little when idle. It must be set before the OpenMP runtime loads.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             from llama_cpp import Llama
         except ImportError as e:

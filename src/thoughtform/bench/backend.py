@@ -37,10 +37,12 @@ def bench_backend(
     tokens: int = 0, rounds: int = 3, transformers: bool = True, n_ctx: int = 2048
 ) -> dict[str, Any]:
     """Measure tokens/s of (a) plain, (b) native logprobs, (c) thoughtform telemetry."""
+    # Our backend module first: it sets the OpenMP wait policy before llama_cpp loads, and the
+    # plain and native runs share that process-wide setting (a fair comparison).
+    from ..backends.llamacpp import LlamaCppBackend, _cores  # isort: skip
     from llama_cpp import Llama
 
     from ..backends import GenerationRequest, Message, Sampling
-    from ..backends.llamacpp import LlamaCppBackend, _cores
     from ..generate import Generation
     from ..models import embedded_gguf_path
     from ..prompting import voice_system_prompt
