@@ -216,3 +216,28 @@ def test_chat_keeps_history_and_ctrl_c_stops_a_reply_without_leaving(tmp_path: P
     assert [m["role"] for m in t2.meta["messages"]][-3:] == ["user", "assistant", "user"]
     assert t2.meta["messages"][-3]["content"] == "first question"
     assert t2.meta["messages"][-2]["content"] == t1.text
+
+
+def test_dataset_subcommands_are_delegated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "d.jsonl"
+    code, _, _ = run(
+        ["dataset", "synth", "--voices", "seed", "--n", "20", "--seed", "3", "--out", str(out)],
+        capsys,
+    )
+    assert code == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) >= 15
+    code, stdout, _ = run(["dataset", "validate", str(out)], capsys)
+    assert code == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', encoding="utf-8"
+    )
+    cp = subprocess.run(
+        [sys.executable, "-m", "thoughtform.cli", "dataset", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert cp.returncode == 1
+    assert f"{bad}:2: invalid JSON" in cp.stdout + cp.stderr

@@ -447,6 +447,24 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return cli_dataset(list(args.rest))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Delegate to LoRA training."""
+    try:
+        from .train.cli import cli_train
+    except ImportError as e:
+        raise UserError(
+            f"train needs the train extra: pip install 'thoughtform[train]' ({e.name})"
+        ) from None
+    return cli_train(list(args.rest))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Delegate to the evaluations (``eval adherence``)."""
+    from .evaluate.cli import cli_eval
+
+    return cli_eval(list(args.rest))
+
+
 # -- argument parser -------------------------------------------------------------------------
 
 
@@ -538,16 +556,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transformers", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("dataset", help="validate, inspect, convert and synthesise datasets")
+    p = sub.add_parser(
+        "dataset", help="validate, inspect, convert and synthesise datasets", add_help=False
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("train", help="LoRA fine-tuning and GGUF export", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="voice adherence eval (eval adherence ...)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_eval)
     return ap
+
+
+_DELEGATED: dict[str, Callable[[argparse.Namespace], int]] = {
+    "dataset": cmd_dataset,
+    "train": cmd_train,
+    "eval": cmd_eval,
+}
 
 
 def main(argv: Sequence[str] | None = None, stderr: TextIO | None = None) -> int:
     """Entry point: run a subcommand; user mistakes print one line and exit 2."""
     err = stderr or sys.stderr
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        # These tools own their whole argument syntax (their --help included).
+        args = argparse.Namespace(rest=argv[1:], func=_DELEGATED[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -99,11 +99,23 @@ class LlamaCppBackend:
             ) from e
         from ..models import resolve_model
 
+        if model == "embedded-voices":
+            # The embedded model with the voices LoRA adapter shipped in the package.
+            from ..adapters import voices_adapter_path
+
+            adapter = voices_adapter_path()
+            if not adapter.is_file():
+                raise BackendError(f"{adapter}: voices adapter not built (run `make adapter`)")
+            lora_path = lora_path or adapter
+            model = None
         path = Path(resolve_model(model))
         if not path.is_file():
             raise BackendError(f"{path}: model file not found")
         self.model_path = path
         self.model_name = "embedded" if model in (None, "embedded") else path.name
+        if lora_path:
+            self.model_name += f"+{Path(lora_path).stem}"
+        self.lora_path = Path(lora_path) if lora_path else None
         try:
             self._llm = Llama(
                 model_path=str(path),
