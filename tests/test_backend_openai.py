@@ -405,7 +405,10 @@ def test_env_defaults_and_model_discovery(serve, monkeypatch) -> None:
     def script(conn: socket.socket, req: Req, srv: RawServer) -> None:
         if req.method == "GET":
             j = json.dumps({"data": [{"id": "served-model"}]}).encode()
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(j), j))
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(j), j)
+            )
         else:
             replay(body)(conn, req, srv)
 
