@@ -262,6 +262,20 @@ class Trainer:
             raise TrainError(
                 f"{self.out} already has checkpoints: pass --resume to continue, or use another --out"
             )
+        self._resume_from = latest_checkpoint(self.out) if self.resume else None
+        if self.resume:
+            # Checked before the model loads, so a wrong --resume fails in a second.
+            ck = self._resume_from
+            if ck is None:
+                raise TrainError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
+            meta = json.loads((ck / _DONE).read_text(encoding="utf-8"))
+            want = self._identity()
+            have = meta.get("identity", {})
+            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            if diff:
+                raise TrainError(
+                    f"--resume: {ck} was made with different settings ({', '.join(diff)})"
+                )
 
     # ------------------------------------------------------------------ setup
 
@@ -367,16 +381,8 @@ class Trainer:
         import torch
         from safetensors.torch import load_file
 
-        ck = latest_checkpoint(self.out)
-        if ck is None:
-            raise TrainError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
-        meta = json.loads((ck / _DONE).read_text(encoding="utf-8"))
-        want = self._identity()
-        diff = sorted(
-            k for k in set(want) | set(meta["identity"]) if want.get(k) != meta["identity"].get(k)
-        )
-        if diff:
-            raise TrainError(f"--resume: {ck} was made with different settings ({', '.join(diff)})")
+        ck = self._resume_from
+        assert ck is not None
         tensors = load_file(str(ck / "adapter.safetensors"))
         named = dict(self.model.named_parameters())
         missing = [n for n, p in named.items() if p.requires_grad and n not in tensors]
