@@ -135,11 +135,23 @@ def export_lora(
     dtype: str = "f16",
 ) -> Path:
     """Write the peft adapter directory ``adapter`` as a GGUF LoRA at ``out``; return ``out``."""
+    cfg, tensors = _adapter_files(adapter)
+    return export_tensors(cfg, tensors, out, base, dtype)
+
+
+def export_tensors(
+    cfg: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    out: str | Path,
+    base: str | Path | None = "embedded",
+    dtype: str = "f16",
+) -> Path:
+    """Write peft-named LoRA tensors with their adapter config (``lora_alpha``...) as a GGUF LoRA;
+    also takes a training checkpoint's tensors (names with ``.default``)."""
     import gguf
 
     if dtype not in ("f16", "f32"):
         raise ExportError(f"dtype must be f16 or f32, got {dtype!r}")
-    cfg, tensors = _adapter_files(adapter)
     info = base_info(base)
     arrays = lora_tensors(cfg, tensors, info)
     out = Path(out)

@@ -1,0 +1,62 @@
+"""The shipped voices adapter: present, small, loads in llama.cpp, and makes replies in voices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from thoughtform.adapters import voices_adapter_path
+from thoughtform.evaluate import adherence as A
+
+pytestmark = pytest.mark.model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "train" / "tiny.jsonl"
+# Fixed prompts of kinds the synthetic training data never has (facts, fiction, small talk).
+PROMPTS = [
+    "Why is the sky blue?",
+    "Write a short poem about a lighthouse.",
+    "How do airplanes fly?",
+]
+
+
+def test_shipped_adapter_is_a_small_gguf_lora() -> None:
+    from thoughtform.train.export import read_lora_gguf
+
+    path = voices_adapter_path()
+    assert path.is_file(), "run scripts/build_adapter.sh"
+    assert 1_000_000 < path.stat().st_size < 12_000_000
+    meta, arrays = read_lora_gguf(path)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.architecture"] == "llama"
+    assert len(arrays) == 30 * 7 * 2
+    assert arrays["blk.0.attn_q.weight.lora_a"].shape[1] == 576
+    assert any(float(abs(a).max()) > 0 for n, a in arrays.items() if n.endswith("lora_b"))
+    report = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert report["steps"] >= 50 and report["loss_after"] < report["loss_before"]
+
+
+def test_shipped_adapter_speaks_in_voices() -> None:
+    pytest.importorskip("llama_cpp")
+    replies = A.generate_replies(PROMPTS, lora_path=voices_adapter_path(), seed=0, threads=2)
+    checks = [A.form_check(r, "seed") for r in replies]
+    assert all(c.ok for c in checks), list(zip(replies, checks, strict=True))
+    # Different prompts get different replies (it answers the prompt, not one memorised text).
+    assert len(set(replies)) == len(replies)
+
+
+def test_eval_cli_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("sklearn")
+    from thoughtform.evaluate.cli import cli_eval
+
+    rc = cli_eval(
+        ["adherence", "--limit", "2", "--max-tokens", "48", "--dataset", str(FIXTURE), "--json"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    s = json.loads(out)
+    assert list(s) == ["n", "base", "tuned", "voice_accuracy", "copied_sentence_rate", "distinct2"]
+    assert s["n"] == 2
+    assert all(0.0 <= s[k] <= 1.0 for k in ("base", "tuned", "copied_sentence_rate", "distinct2"))
