@@ -181,9 +181,16 @@ def _kl(p: Any, q: Any) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def test_llamacpp_with_exported_adapter_matches_peft(adapter: dict[str, Any], loaded: Any) -> None:
+@pytest.fixture(scope="module")
+def hf_runs(adapter: dict[str, Any], loaded: Any) -> dict[str, Any]:
+    """transformers+peft greedy continuations of PROMPTS, with their log-probs."""
+    return {p: _hf_greedy(adapter["model"], loaded.tokenizer, p) for p in PROMPTS}
+
+
+def test_llamacpp_with_exported_adapter_matches_peft(
+    adapter: dict[str, Any], hf_runs: dict[str, Any]
+) -> None:
     pytest.importorskip("llama_cpp")
-    pm, tok = adapter["model"], loaded.tokenizer
     d = adapter["dir"]
     # The same adapter exported without llama's q/k permutation: must be clearly worse.
     E.PERMUTED_ARCHS.discard("llama")
@@ -191,7 +198,7 @@ def test_llamacpp_with_exported_adapter_matches_peft(adapter: dict[str, Any], lo
         noperm = E.export_lora(d / "peft", d / "noperm.gguf", dtype="f32")
     finally:
         E.PERMUTED_ARCHS.add("llama")
-    hf = {p: _hf_greedy(pm, tok, p) for p in PROMPTS}
+    hf = hf_runs
     kl: dict[str, list[float]] = {"ok": [], "noperm": [], "none": []}
     exact, report = 0, []
     for name, path in (("ok", adapter["gguf"]), ("noperm", noperm), ("none", None)):
@@ -222,3 +229,19 @@ def test_llamacpp_with_exported_adapter_matches_peft(adapter: dict[str, Any], lo
     assert ok < 0.02, kl
     assert bad > 10 * ok and none > 30 * ok, kl
     assert exact >= len(PROMPTS) - 1, report
+
+
+def test_merged_gguf_matches_peft(adapter: dict[str, Any], hf_runs: dict[str, Any]) -> None:
+    """Base + adapter merged into one f16 GGUF: llama.cpp loads it and agrees with peft."""
+    pytest.importorskip("llama_cpp")
+    merged = E.merge_lora(adapter["dir"] / "peft", adapter["dir"] / "merged.gguf", dtype="f16")
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(merged), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    try:
+        kls = [_kl(lp, _llama_logprobs(llm, ids, gen)) for ids, gen, lp in hf_runs.values()]
+        assert llm.metadata.get("tokenizer.chat_template")  # metadata came along
+    finally:
+        llm.close()
+    merged.unlink()
+    assert float(np.mean(kls)) < 0.02, kls

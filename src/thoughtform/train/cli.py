@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--export-dtype", choices=("f16", "f32"), default="f16", help="GGUF LoRA type")
     p.add_argument("--no-export", action="store_true", help="skip writing DIR/adapter.gguf")
+    p.add_argument(
+        "--export-merged",
+        action="store_true",
+        help="also write DIR/merged-f16.gguf: base + adapter in one model (GGUF base only)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -91,6 +96,7 @@ def cli_train(argv: list[str]) -> int:
         threads=args.threads,
         export_dtype=args.export_dtype,
         export=not args.no_export,
+        export_merged=args.export_merged,
     )
     try:
         trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)

@@ -173,6 +173,57 @@ def export_tensors(
     return out
 
 
+def merge_lora(
+    adapter: str | Path,
+    out: str | Path,
+    base: str | Path | None = "embedded",
+    dtype: str = "f16",
+) -> Path:
+    """Write base GGUF + adapter merged into one model GGUF: adapted weights dequantized, merged
+    (``W + alpha/r * B @ A``) and stored as ``dtype``; all other tensors and metadata copied."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from ..models import resolve_model
+
+    if dtype not in ("f16", "f32"):
+        raise ExportError(f"dtype must be f16 or f32, got {dtype!r}")
+    src = Path(resolve_model(None if base in (None, "embedded") else str(base)))
+    if not (src.is_file() and src.suffix.lower() == ".gguf"):
+        raise ExportError(f"{src}: merging needs a GGUF base model")
+    cfg, tensors = _adapter_files(adapter)
+    info = base_info(src)
+    arrays = lora_tensors(cfg, tensors, info)
+    scale = float(cfg["lora_alpha"]) / float(cfg["r"])
+    reader = gguf.GGUFReader(src)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch=info.arch)
+    for key, f in reader.fields.items():
+        # The writer adds the architecture itself; the file type no longer holds (mixed types).
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub)
+    np_dtype = np.float16 if dtype == "f16" else np.float32
+    for t in reader.tensors:
+        a = arrays.get(f"{t.name}.lora_a")
+        if a is None:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+            continue
+        weight = dequantize(t.data, t.tensor_type).astype(np.float32)
+        weight += scale * (arrays[f"{t.name}.lora_b"] @ a)
+        w.add_tensor(t.name, weight.astype(np_dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out)
+    return out
+
+
 def _tensor_order(name: str) -> tuple[int, str]:
     m = re.match(r"blk\.(\d+)\.(.*)", name)
     return (int(m.group(1)), m.group(2)) if m else (-1, name)

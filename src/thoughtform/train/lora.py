@@ -21,6 +21,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"
 ADAPTER_GGUF = "adapter.gguf"
+MERGED_GGUF = "merged-f16.gguf"
 TRAINING_JSON = "training.json"
 _DONE = "done.json"  # written last into a checkpoint: a directory without it is incomplete
 EVAL_EXAMPLES = 32  # examples in the before/after loss sample
@@ -59,6 +60,7 @@ class TrainConfig:
     threads: int | None = None
     export_dtype: str = "f16"
     export: bool = True
+    export_merged: bool = False
 
     def identity(self) -> dict[str, Any]:
         """The settings a checkpoint is only valid for (resume refuses any difference)."""
@@ -70,6 +72,7 @@ class TrainConfig:
             "keep_checkpoints",
             "export",
             "export_dtype",
+            "export_merged",
         }
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["target_modules"] = list(self.target_modules)
@@ -489,6 +492,10 @@ class Trainer:
                 base=self.base_path,
                 dtype=self.cfg.export_dtype,
             )
+        if self.cfg.export_merged:
+            from .export import merge_lora
+
+            merge_lora(adapter_dir, self.out / MERGED_GGUF, base=self.base_path, dtype="f16")
         report = self._report(gguf)
         (self.out / TRAINING_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         return TrainResult(
@@ -534,6 +541,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "adapter_dir": ADAPTER_DIR,
             "gguf": gguf.name if gguf else None,
+            "merged_gguf": MERGED_GGUF if self.cfg.export_merged else None,
             "versions": {"torch": torch.__version__, "peft": peft.__version__},
         }
 
