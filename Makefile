@@ -33,7 +33,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) chromium lint
+test: $(STAMP) chromium lint typecheck
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 serve: $(STAMP)

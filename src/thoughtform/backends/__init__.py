@@ -49,7 +49,7 @@ EXTRA: dict[str, str] = {"llamacpp": "llama", "transformers": "hf", "openai": ""
 
 def _load(target: str) -> Callable[..., Backend]:
     mod, _, attr = target.partition(":")
-    return getattr(importlib.import_module(mod), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(mod), attr)
 
 
 def _plugins() -> dict[str, Any]:
@@ -73,5 +73,5 @@ def create_backend(name: str, **options: Any) -> Backend:
         return factory(**options)
     plugins = _plugins()
     if name in plugins:
-        return plugins[name].load()(**options)  # type: ignore[no-any-return]
+        return plugins[name].load()(**options)
     raise BackendError(f"unknown backend {name!r} (available: {', '.join(available_backends())})")
