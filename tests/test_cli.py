@@ -241,3 +241,38 @@ def test_dataset_subcommands_are_delegated(
     )
     assert cp.returncode == 1
     assert f"{bad}:2: invalid JSON" in cp.stdout + cp.stderr
+
+
+def test_voice_prompt_is_sent_by_default_and_can_be_turned_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "reply.txt"
+    src.write_text(EXAMPLE, encoding="utf-8")
+    base = ["generate", "--backend", "replay", "--model", str(src), "--prompt", "hi"]
+    run([*base, "--trace", str(tmp_path / "a.jsonl")], capsys)
+    msgs = load_trace(tmp_path / "a.jsonl").meta["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    system = msgs[0]["content"]
+    for name in ("Echo", "Resonance", "Inner", "Thread", "Role", "Pulse", "Doubt", "Shift"):
+        assert f"- {name}: {name} " in system  # each voice with its description
+    assert "[Echo]\n" in system  # the marker format, shown in an example
+    run(
+        [*base, "--no-voice-prompt", "--system", "Be brief.", "--trace", str(tmp_path / "b.jsonl")],
+        capsys,
+    )
+    msgs = load_trace(tmp_path / "b.jsonl").meta["messages"]
+    assert msgs[0] == {"role": "system", "content": "Be brief."}
+    run([*base, "--voices", "think", "--trace", str(tmp_path / "c.jsonl")], capsys)
+    system = load_trace(tmp_path / "c.jsonl").meta["messages"][0]["content"]
+    assert "<think> and </think>" in system
+
+
+def test_models_lists_embedded_model_and_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["models"], capsys)
+    assert code == 0
+    first = out.splitlines()[0]
+    assert first.startswith("embedded model: SmolLM2-135M-Instruct Q4_1")
+    assert first.split()[4].endswith(".gguf") and Path(first.split()[4]).is_file()
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "alternatives<=50" in rows["llamacpp"] and "exact_entropy" in rows["llamacpp"]
+    assert "alternatives<=20" in rows["openai"] and "exact_entropy" not in rows["openai"]

@@ -365,16 +365,51 @@ def cmd_models(args: argparse.Namespace) -> int:
     except Exception as e:  # report, don't fail: this command is a diagnosis
         path, size = f"not found ({e})", ""
     print(f"embedded model: SmolLM2-135M-Instruct Q4_1  {path}  {size}")
+    try:
+        from .adapters import voices_adapter_path
+
+        adapter = voices_adapter_path()
+        print(
+            f"voices adapter (--model embedded-voices): {adapter if adapter.is_file() else 'not built'}"
+        )
+    except ImportError:
+        pass
+    # Options that build each backend without a network call; transformers loads a model
+    # (seconds), so only with --all.
+    probe: dict[str, dict[str, Any]] = {
+        "llamacpp": {},
+        "openai": {"base_url": "http://127.0.0.1:8000/v1", "model": "(server's)"},
+        "replay": {"text": ""},
+    }
+    if args.all:
+        probe["transformers"] = {}
     print("backends:")
     for name in available_backends():
         mod = BUILTIN.get(name, "(plugin)").split(":")[0]
         try:
             if name in BUILTIN:
                 __import__(mod)
-            status = "installed"
         except ImportError as e:
-            status = f"not installed ({e.name})"
-        print(f"  {name:13} {status}")
+            print(f"  {name:13} not installed ({e.name})")
+            continue
+        if name not in probe:
+            print(
+                f"  {name:13} installed"
+                + ("" if name not in BUILTIN else " (--all shows its capabilities)")
+            )
+            continue
+        from .backends import create_backend
+
+        try:
+            backend = create_backend(name, **probe[name])
+        except Exception as e:  # a diagnosis command reports, it does not fail
+            print(f"  {name:13} installed, cannot start: {e}")
+            continue
+        caps = backend.capabilities
+        backend.close()
+        flags = [k for k, v in caps.to_dict().items() if v is True]
+        alts = f"alternatives<={caps.max_alternatives}" if caps.max_alternatives else ""
+        print(f"  {name:13} installed  {' '.join(x for x in [alts, *flags] if x)}")
     return 0
 
 
@@ -531,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("models", help="the embedded model and installed backends")
+    p.add_argument("--all", action="store_true", help="also load transformers for its capabilities")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("serve", help="start the web workbench")
