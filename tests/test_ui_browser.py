@@ -132,13 +132,13 @@ def test_token_popover_shows_alternatives(page: Any) -> None:
     pop.wait_for(state="visible")
     rows = pop.locator(".tf-alt")
     assert rows.count() == 5
-    texts = [rows.nth(k).locator(".tf-alt-text").inner_text() for k in range(5)]
-    assert texts == [a.text for a in trace.tokens[i].top]
     import math
 
-    want = [
-        f"{math.exp(a.logprob) * 100:.1f}%" for a in trace.tokens[i].top if a.logprob is not None
-    ]
+    # Shown most likely first, whatever order the trace stored them in.
+    ranked = sorted(trace.tokens[i].top, key=lambda a: -(a.logprob or -math.inf))
+    texts = [rows.nth(k).locator(".tf-alt-text").inner_text() for k in range(5)]
+    assert texts == [a.text for a in ranked]
+    want = [f"{math.exp(a.logprob) * 100:.1f}%" for a in ranked if a.logprob is not None]
     assert [rows.nth(k).locator(".tf-alt-p").inner_text() for k in range(5)] == want
     assert "tf-chosen" in (rows.nth(0).get_attribute("class") or "")
     # Shading follows the chosen token's probability, then its entropy.

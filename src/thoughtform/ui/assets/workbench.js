@@ -573,9 +573,13 @@
     if (rec.alts.length) {
       var t = el("table", "tf-alts");
       var chosen = false;
-      for (var k = 0; k < rec.alts.length; k++) {
-        var a = rec.alts[k];
-        if (!Array.isArray(a)) continue;
+      // Most likely first, whatever order the recording kept (unknown logprobs last).
+      var alts = rec.alts.filter(Array.isArray).slice().sort(function (x, y) {
+        var a = num(x[1]), b = num(y[1]);
+        return (b == null ? -Infinity : b) - (a == null ? -Infinity : a);
+      });
+      for (var k = 0; k < alts.length; k++) {
+        var a = alts[k];
         var text = str(a[0]);
         var lp = num(a[1]);
         var pr = lp == null ? null : Math.exp(lp);
