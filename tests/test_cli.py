@@ -228,7 +228,7 @@ def test_dataset_subcommands_are_delegated(
     )
     assert code == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) >= 15
-    code, stdout, _ = run(["dataset", "validate", str(out)], capsys)
+    code, _, _ = run(["dataset", "validate", str(out)], capsys)
     assert code == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
