@@ -158,3 +158,12 @@ def test_grammar_constrains_the_reply(backend) -> None:  # type: ignore[no-untyp
     bad = GenerationRequest(messages=(Message("user", "x"),), grammar="root ::= (")
     toks, fin = collect(backend.stream(bad))
     assert fin.reason == "error" and "grammar" in fin.message and not toks
+
+
+def test_missing_model_or_adapter_is_a_clear_error(tmp_path: Path) -> None:
+    from thoughtform.backends import BackendError
+
+    with pytest.raises(BackendError, match=r"nope\.gguf: model file not found"):
+        create_backend("llamacpp", model=str(tmp_path / "nope.gguf"))
+    with pytest.raises(BackendError, match=r"lora\.gguf: LoRA adapter file not found"):
+        create_backend("llamacpp", lora_path=str(tmp_path / "lora.gguf"))

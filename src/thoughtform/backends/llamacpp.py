@@ -111,6 +111,9 @@ class LlamaCppBackend:
         path = Path(resolve_model(model))
         if not path.is_file():
             raise BackendError(f"{path}: model file not found")
+        if lora_path is not None and not Path(lora_path).is_file():
+            # llama-cpp-python does not check: a missing adapter crashes the first decode.
+            raise BackendError(f"{lora_path}: LoRA adapter file not found")
         self.model_path = path
         self.model_name = "embedded" if model in (None, "embedded") else path.name
         if lora_path:
