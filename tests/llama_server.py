@@ -31,6 +31,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from thoughtform.procs import die_with_parent
+
 # Runs the stock server module after turning off extra buffer types (see module docstring).
 _BOOT = (
     "import runpy, llama_cpp.llama_cpp as C\n"
@@ -43,17 +45,6 @@ _BOOT = (
     "C.llama_model_default_params = _p\n"
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
 )
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, even by a crash (Linux)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def embedded_gguf() -> Path:
@@ -99,7 +90,7 @@ def running_llama_server(
     base = f"http://127.0.0.1:{port}/v1"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
         try:
             deadline = time.monotonic() + startup_timeout
