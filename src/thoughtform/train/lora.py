@@ -481,7 +481,10 @@ class Trainer:
 
     def _finish(self) -> TrainResult:
         adapter_dir = self.out / ADAPTER_DIR
-        self.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        # No embedding layers are adapted; "auto" would look for a config.json beside the GGUF.
+        self.model.save_pretrained(
+            str(adapter_dir), safe_serialization=True, save_embedding_layers=False
+        )
         gguf: Path | None = None
         if self.cfg.export:
             from .export import export_lora
