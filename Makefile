@@ -46,5 +46,9 @@ bench: $(STAMP)
 screenshots: $(STAMP) chromium
 	$(PY) scripts/screenshots.py
 
+# Rebuild the shipped voices adapter from nothing with a fixed seed: synth -> train -> export.
+adapter: $(STAMP)
+	scripts/build_adapter.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

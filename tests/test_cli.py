@@ -276,3 +276,27 @@ def test_models_lists_embedded_model_and_capabilities(capsys: pytest.CaptureFixt
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "alternatives<=50" in rows["llamacpp"] and "exact_entropy" in rows["llamacpp"]
     assert "alternatives<=20" in rows["openai"] and "exact_entropy" not in rows["openai"]
+
+
+def test_serve_defaults_and_host_guard(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import thoughtform.ui.app as app
+
+    seen: list[object] = []
+    monkeypatch.setattr(
+        app, "serve", seen.append
+    )  # capture the config; the server has its own tests
+    assert run(["serve"], capsys)[0] == 0
+    cfg = seen[-1]
+    assert cfg.host == "127.0.0.1" and cfg.auth is None  # type: ignore[attr-defined]
+    # The shipped voices adapter speaks in voices, so it is the workbench's default model.
+    assert cfg.model == "embedded-voices" and cfg.voices == "seed"  # type: ignore[attr-defined]
+    assert run(["serve", "--replay", "x.jsonl"], capsys)[0] == 0
+    assert seen[-1].model is None  # type: ignore[attr-defined]
+    code, _, err = run(["serve", "--host", "0.0.0.0"], capsys)
+    assert code == 2 and "--auth" in err
+    code, _, err = run(["serve", "--host", "0.0.0.0", "--auth", "ann:secret"], capsys)
+    assert code == 0 and seen[-1].auth == ("ann", "secret")  # type: ignore[attr-defined]
+    code, _, err = run(["serve", "--host", "0.0.0.0", "--insecure"], capsys)
+    assert code == 0 and "WARNING" in err

@@ -435,9 +435,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback and auth is None:
         print(f"WARNING: serving on {args.host} without authentication", file=sys.stderr)
     resolve_voices(args.voices)
+    model = args.model
+    if args.backend == "llamacpp" and model is None and args.replay is None:
+        # The embedded model with the shipped voices adapter speaks in voices (eval: 100% of
+        # replies well-formed against 0% for the plain model prompted with the voices).
+        from .adapters import voices_adapter_path
+
+        if voices_adapter_path().is_file():
+            model = "embedded-voices"
     cfg = ServeConfig(
         backend=args.backend,
-        model=args.model,
+        model=model,
         base_url=args.base_url,
         replay=args.replay,
         voices=args.voices or "seed",
@@ -462,7 +470,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "backend":
         from .bench.backend import bench_backend
 
-        res = bench_backend(tokens=args.tokens, transformers=not args.no_transformers)
+        res = bench_backend(
+            tokens=args.tokens, transformers=not args.no_transformers, threads=args.threads
+        )
     else:
         from .bench.ui import bench_ui
 
@@ -517,7 +527,7 @@ def _gen_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=40, help="0 = off")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--alternatives", type=int, default=5, help="top-k alternatives to record")
@@ -590,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mb", type=float, default=10.0)
     p.add_argument("--tokens", type=int, default=0)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--threads", type=int, help="backend bench: decode threads for all runs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -26,11 +26,12 @@ class Message:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings; ``top_k=0`` means no top-k truncation."""
+    """Sampling settings; ``top_k=0`` means no top-k truncation (llama.cpp then sorts the whole
+    vocabulary every step for top-p: 40, its own default, is much faster)."""
 
     temperature: float = 0.7
     top_p: float = 0.95
-    top_k: int = 0
+    top_k: int = 40
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()

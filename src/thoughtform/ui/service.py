@@ -87,7 +87,7 @@ class Workbench:
             "base_url": c.base_url or "",
             "temperature": 0.7,
             "top_p": 0.95,
-            "top_k": 0,
+            "top_k": 40,
             "max_tokens": 256,
             "seed": None,
             "alternatives": 5,
@@ -263,9 +263,10 @@ class Workbench:
             model = s.get("model") or None
             if model in ("embedded",):
                 model = None
-            if model and not str(model).lower().endswith(".gguf"):
+            if model and model != "embedded-voices" and not str(model).lower().endswith(".gguf"):
                 raise WorkbenchError(
-                    "llamacpp needs a .gguf model path (or empty for the embedded model)"
+                    "llamacpp needs a .gguf model path, embedded-voices, or empty for the"
+                    " embedded model"
                 )
             opts = {"model": model}
         elif name == "openai":
