@@ -261,6 +261,54 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 save_settings_btn = gr.Button(
                     "Save settings", variant="primary", elem_id="save-settings"
                 )
+            with gr.Tab("Dataset", id="dataset-tab"):
+                with gr.Row(equal_height=True):
+                    ds_path = gr.Textbox(
+                        label="Dataset file on the server (.jsonl or transcript)",
+                        elem_id="ds-path",
+                        max_lines=1,
+                        scale=6,
+                    )
+                    ds_open = gr.Button("Open", variant="primary", elem_id="ds-open", scale=1)
+                ds_upload = gr.File(
+                    label="…or upload one",
+                    file_types=[".jsonl", ".txt", ".md"],
+                    type="filepath",
+                    elem_id="ds-upload",
+                )
+                ds_state = gr.State(None)
+                ds_summary = gr.Markdown(elem_id="ds-summary")
+                with gr.Row():
+                    with gr.Column():
+                        ds_problems = gr.HTML(elem_id="ds-problems", label="Problems")
+                    with gr.Column():
+                        ds_stats = gr.HTML(elem_id="ds-stats", label="Statistics")
+                ds_index = gr.Number(
+                    value=0,
+                    precision=0,
+                    minimum=0,
+                    label="Example number (from 0)",
+                    elem_id="ds-index",
+                    interactive=True,
+                )
+                ds_example = gr.HTML(elem_id="ds-example")
+            with gr.Tab("Compare", id="compare-tab"):
+                with gr.Row(equal_height=True):
+                    cmp_prompt = gr.Textbox(
+                        show_label=False,
+                        placeholder="One prompt for both models",
+                        elem_id="cmp-prompt",
+                        lines=1,
+                        max_lines=4,
+                        scale=8,
+                    )
+                    cmp_run = gr.Button("Run", variant="primary", elem_id="cmp-run", scale=1)
+                cmp_lanes = gr.HTML(elem_id="cmp-lanes")
+                with gr.Row():
+                    with gr.Column():
+                        cmp_left = gr.HTML(elem_id="cmp-left")
+                    with gr.Column():
+                        cmp_right = gr.HTML(elem_id="cmp-right")
         settings_fields = [
             s_backend,
             s_model,
@@ -452,6 +500,48 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 gr.Warning(plain(f"{len(warnings)} lines skipped; first: {warnings[0]}"))
             return session_view(sid)
 
+        # -- dataset and compare tabs (logic in dataset_view / compare_view) -------------
+
+        from ..data.lines import DatasetError
+        from .compare_view import BackendPair, compare_html, run_pair
+        from .dataset_view import (
+            example_html,
+            open_dataset,
+            problems_html,
+            stats_html,
+            summary_text,
+        )
+
+        def on_ds_open(path: str | None) -> list[Any]:
+            try:
+                view = open_dataset(path or "", config.voices)
+            except (DatasetError, OSError, ValueError) as e:
+                raise _error(e) from None
+            top = max(0, len(view.examples) - 1)
+            return [
+                view,
+                plain(summary_text(view)),
+                problems_html(view),
+                stats_html(view),
+                gr.update(maximum=top, value=0),
+                example_html(view, 0, config.voices),
+            ]
+
+        def on_ds_index(view: Any, index: float | None) -> str:
+            if view is None:
+                return ""
+            return example_html(view, int(index or 0), config.voices)
+
+        pair = BackendPair()
+
+        def on_compare(text: str) -> tuple[str, str, str]:
+            try:
+                traces = run_pair(pair.get(), text, config.voices, seed=0, max_tokens=120)
+            except Exception as e:  # a missing model or adapter is shown, not a crash
+                raise _error(e) from None
+            left, right, lanes = compare_html(traces, config.voices)
+            return left, right, lanes
+
         # -- wiring ----------------------------------------------------------------------
 
         demo.load(on_load, None, view_outputs, show_progress="hidden")
@@ -486,6 +576,20 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         save_yaml_btn.click(on_save_yaml, tab_state, yaml_file)
         export_btn.click(on_export, [tab_state, export_kind, export_which], export_file)
         import_file_c.upload(on_import, import_file_c, view_outputs, show_progress="hidden")
+        ds_outputs = [ds_state, ds_summary, ds_problems, ds_stats, ds_index, ds_example]
+        ds_open.click(on_ds_open, ds_path, ds_outputs)
+        ds_path.submit(on_ds_open, ds_path, ds_outputs)
+        ds_upload.upload(on_ds_open, ds_upload, ds_outputs)
+        ds_index.change(on_ds_index, [ds_state, ds_index], ds_example, show_progress="hidden")
+        cmp_args: dict[str, Any] = {
+            "fn": on_compare,
+            "inputs": cmp_prompt,
+            "outputs": [cmp_left, cmp_right, cmp_lanes],
+            "concurrency_id": "compare",
+            "concurrency_limit": 1,
+        }
+        cmp_run.click(**cmp_args)
+        cmp_prompt.submit(**cmp_args)
     demo.workbench = wb
     return demo
 

@@ -1,0 +1,152 @@
+"""The workbench's Compare tab: one prompt through the plain embedded model (asked for voices by a
+system prompt) and the voices-tuned one, same seed and length, shown side by side."""
+
+from __future__ import annotations
+
+import html
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..backends.base import Backend, GenerationRequest, Message, Sampling
+from ..generate import Generation
+from ..trace import Trace
+from ..voices import VoiceSet, resolve_voice_set
+from .colors import VoiceColors
+
+LABELS = ("plain + voice prompt", "tuned (embedded-voices)")
+MAX_PROMPT_CHARS = 4000
+LANE_WIDTH = 600  # px of the longer reply
+
+
+def llamacpp_pair() -> tuple[Backend, Backend]:
+    """The plain embedded model and the voices-tuned one (loads both; slow the first time)."""
+    from ..backends import create_backend
+
+    return create_backend("llamacpp"), create_backend("llamacpp", model="embedded-voices")
+
+
+class BackendPair:
+    """Makes the two backends once, on first use, and keeps them for the app's lifetime."""
+
+    def __init__(self, factory: Callable[[], tuple[Backend, Backend]] = llamacpp_pair) -> None:
+        self.factory = factory
+        self._pair: tuple[Backend, Backend] | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[Backend, Backend]:
+        """The cached pair (each backend has its own lock around generation)."""
+        with self._lock:
+            if self._pair is None:
+                self._pair = self.factory()
+            return self._pair
+
+
+def requests(
+    prompt: str, voices: VoiceSet, seed: int = 0, max_tokens: int = 120
+) -> tuple[GenerationRequest, GenerationRequest]:
+    """The plain model's request (voice system prompt first) and the tuned one's (prompt only)."""
+    from ..prompting import voice_system_prompt
+
+    sampling = Sampling(seed=seed, max_tokens=max_tokens)
+    system = voice_system_prompt(voices)
+    plain_msgs = ((Message("system", system),) if system else ()) + (Message("user", prompt),)
+    plain = GenerationRequest(messages=plain_msgs, sampling=sampling, alternatives=0)
+    tuned = GenerationRequest(
+        messages=(Message("user", prompt),), sampling=sampling, alternatives=0
+    )
+    return plain, tuned
+
+
+def run_pair(
+    pair: tuple[Backend, Backend],
+    prompt: str,
+    voices: VoiceSet | str | None = "seed",
+    seed: int = 0,
+    max_tokens: int = 120,
+) -> tuple[Trace, Trace]:
+    """Generate with both backends (one after the other) and return the two traces."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("write a prompt first")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt too long ({len(prompt)} > {MAX_PROMPT_CHARS} characters)")
+    vs = resolve_voice_set(voices)
+    out: list[Trace] = []
+    for backend, req in zip(pair, requests(prompt, vs, seed, max_tokens), strict=True):
+        g = Generation(backend, req, vs)
+        for _ in g:
+            pass
+        out.append(g.trace)
+    return out[0], out[1]
+
+
+def _span(seg: Any, ntok: int) -> tuple[int, int]:
+    """A segment's token range [a, b) (empty when it owns no tokens)."""
+    toks = [t for t in seg.tokens if 0 <= t < ntok] if ntok else []
+    if not toks:
+        return 0, 0
+    return min(toks), max(toks) + 1
+
+
+def lanes_html(traces: tuple[Trace, Trace], voices: VoiceSet | str | None = "seed") -> str:
+    """Two lane strips on one token axis (width scaled by the longer reply), an SVG per reply."""
+    vs = resolve_voice_set(voices)
+    colors = VoiceColors(vs)
+    longest = max(len(t.tokens) for t in traces) or 1
+    scale = LANE_WIDTH / longest
+    rows: list[str] = []
+    for label, tr in zip(LABELS, traces, strict=True):
+        n = len(tr.tokens)
+        rects: list[str] = []
+        for seg in tr.segments:
+            a, b = _span(seg, n)
+            if b <= a:
+                continue
+            name = html.escape(seg.voice, quote=True)
+            rects.append(
+                f'<rect class="tf-lane-seg" data-voice="{name}" data-from="{a}" data-to="{b}" '
+                f'x="{a * scale:.1f}" y="0" width="{(b - a) * scale:.1f}" height="14" '
+                f'fill="{colors.color(seg.voice)}"><title>{name}: tokens {a}–{b - 1}</title>'
+                "</rect>"
+            )
+        rows.append(
+            f'<div class="tf-lane-row"><div class="tf-lane-label">{html.escape(label)} '
+            f"({n} tokens)</div>"
+            f'<svg class="tf-lane" width="{LANE_WIDTH}" height="14" '
+            f'viewBox="0 0 {LANE_WIDTH} 14" role="img">'
+            f'<rect x="0" y="0" width="{n * scale:.1f}" height="14" fill="#EEEEEE"></rect>'
+            f"{''.join(rects)}</svg></div>"
+        )
+    return f'<div class="tf-lanes" data-tokens="{longest}">{"".join(rows)}</div>'
+
+
+def reply_html(trace: Trace, voices: VoiceSet | str | None = "seed") -> str:
+    """One reply as voice blocks (render_fragment escapes all text)."""
+    from ..render.html import render_fragment
+
+    vs = resolve_voice_set(voices)
+    return render_fragment(trace, vs)
+
+
+def compare_html(
+    traces: tuple[Trace, Trace], voices: VoiceSet | str | None = "seed"
+) -> tuple[str, str, str]:
+    """HTML for the left column, the right column, and the shared lanes."""
+    cols = tuple(
+        f'<div class="tf-cmp-col" data-side="{side}"><h4>{html.escape(label)}</h4>'
+        f"{reply_html(tr, voices)}</div>"
+        for side, label, tr in zip(("plain", "tuned"), LABELS, traces, strict=True)
+    )
+    return cols[0], cols[1], lanes_html(traces, voices)
+
+
+__all__ = [
+    "LABELS",
+    "BackendPair",
+    "compare_html",
+    "lanes_html",
+    "llamacpp_pair",
+    "reply_html",
+    "requests",
+    "run_pair",
+]
