@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,14 @@ def test_dataset_tab_in_chromium(tmp_path: Path) -> None:
             assert "<script>window.__pwned=2</script>" in body
             assert page.evaluate("window.__pwned") is None
             assert page.locator("#ds-example img, #ds-example script").count() == 0
+            # The same file uploaded: the problems now name the uploaded copy, same lines.
+            page.set_input_files("#ds-upload input[type=file]", str(FIX))
+            page.wait_for_function(
+                "() => Array.from(document.querySelectorAll('#ds-problems td'))"
+                ".some(t => t.innerText.includes('mixed.jsonl:4:') && !t.innerText.includes("
+                f"{json.dumps(str(FIX))}))",
+                timeout=30_000,
+            )
             assert page.errors == []
             br.close()
     finally:

@@ -21,7 +21,7 @@ from typing import Any
 import gradio as gr
 
 from ..voices import PRESETS, VoiceSet, VoiceSetError, voice_set_from_dict
-from .config import ConfigError, ServeConfig, check_exposure
+from .config import ConfigError, ServeConfig, check_exposure, is_loopback
 from .export import ImportError_, import_file, reply_trace, safe_filename, session_markdown
 from .service import BACKENDS, Tab, Workbench, WorkbenchError
 from .store import StoreError, valid_session_id
@@ -512,6 +512,12 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             summary_text,
         )
 
+        def on_ds_path(path: str | None) -> list[Any]:
+            # A typed path reads any file the server can: only for a workbench on loopback.
+            if not is_loopback(config.host):
+                raise _error(WorkbenchError("server paths only on loopback; upload the file"))
+            return on_ds_open(path)
+
         def on_ds_open(path: str | None) -> list[Any]:
             try:
                 view = open_dataset(path or "", config.voices)
@@ -577,8 +583,8 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         export_btn.click(on_export, [tab_state, export_kind, export_which], export_file)
         import_file_c.upload(on_import, import_file_c, view_outputs, show_progress="hidden")
         ds_outputs = [ds_state, ds_summary, ds_problems, ds_stats, ds_index, ds_example]
-        ds_open.click(on_ds_open, ds_path, ds_outputs)
-        ds_path.submit(on_ds_open, ds_path, ds_outputs)
+        ds_open.click(on_ds_path, ds_path, ds_outputs)
+        ds_path.submit(on_ds_path, ds_path, ds_outputs)
         ds_upload.upload(on_ds_open, ds_upload, ds_outputs)
         ds_index.change(on_ds_index, [ds_state, ds_index], ds_example, show_progress="hidden")
         cmp_args: dict[str, Any] = {
