@@ -527,7 +527,7 @@ def _gen_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=40, help="0 = off")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--alternatives", type=int, default=5, help="top-k alternatives to record")

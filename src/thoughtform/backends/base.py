@@ -26,12 +26,12 @@ class Message:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings; ``top_k=0`` means no top-k truncation (llama.cpp then sorts the whole
-    vocabulary every step for top-p: 40, its own default, is much faster)."""
+    """Sampling settings; ``top_k=0`` means no top-k truncation (and is not sent to OpenAI-compatible
+    servers, since OpenAI's own API rejects the parameter)."""
 
     temperature: float = 0.7
     top_p: float = 0.95
-    top_k: int = 40
+    top_k: int = 0
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()

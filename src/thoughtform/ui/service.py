@@ -87,7 +87,7 @@ class Workbench:
             "base_url": c.base_url or "",
             "temperature": 0.7,
             "top_p": 0.95,
-            "top_k": 40,
+            "top_k": 0,
             "max_tokens": 256,
             "seed": None,
             "alternatives": 5,
