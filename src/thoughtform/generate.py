@@ -13,6 +13,7 @@ from typing import Any
 
 from .backends.base import Backend, FinishEvent, GenerationRequest, TokenEvent
 from .parse import Event, SegmentBuilder, VoiceEnd, VoiceParser
+from .steer import Conductor, SteerPlan
 from .trace import TokenRecord, Trace, TraceWriter
 from .voices import VoiceSet, resolve_voice_set
 
@@ -26,6 +27,7 @@ class Update:
     events: list[Event] = field(default_factory=list)
     resolved: list[TokenRecord] = field(default_factory=list)
     finish: FinishEvent | None = None
+    choices: list[dict[str, Any]] = field(default_factory=list)  # voice_choice records
 
 
 def request_meta(request: GenerationRequest) -> dict[str, Any]:
@@ -36,6 +38,27 @@ def request_meta(request: GenerationRequest) -> dict[str, Any]:
         "sampling": dataclasses.asdict(request.sampling),
         "alternatives": request.alternatives,
     }
+
+
+def make_conductor(
+    request: GenerationRequest,
+    voices: VoiceSet,
+    plan: SteerPlan | None,
+    starts_in: str | None = None,
+) -> Conductor:
+    """The conductor for one run of ``request`` under ``plan`` (the request's sampling is the
+    base that per-voice sampling overrides)."""
+    s = request.sampling
+    return Conductor(
+        voices,
+        plan,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_tokens=s.max_tokens,
+        seed=s.seed,
+        starts_in=starts_in,
+    )
 
 
 class Generation:
@@ -54,13 +77,20 @@ class Generation:
         trace_path: str | Path | None = None,
         meta: dict[str, Any] | None = None,
         cancel: threading.Event | None = None,
+        steer: SteerPlan | None = None,
     ) -> None:
         self.backend = backend
+        self.voices = resolve_voice_set(voices)
         if request.attention and request.segment_of is None:
             # Attention mass is summarised per earlier voice segment, which only we know.
             request = dataclasses.replace(request, segment_of=self.segment_of)
+        # The conductor is the one way back from what the parser sees into sampling. Without a
+        # plan it only scores who speaks next (where the backend can) and steers nothing.
+        self.conductor: Conductor | None = request.conductor
+        if self.conductor is None and (steer is not None or self.voices.voices):
+            self.conductor = make_conductor(request, self.voices, steer, starts_in)
+            request = dataclasses.replace(request, conductor=self.conductor)
         self.request = request
-        self.voices = resolve_voice_set(voices)
         self.parser = VoiceParser(self.voices, starts_in=starts_in)
         self.builder = SegmentBuilder()
         self.cancel = cancel or threading.Event()
@@ -74,6 +104,8 @@ class Generation:
             "starts_in": starts_in,
             **request_meta(request),
         }
+        if steer is not None:
+            m["steer"] = self.conductor.plan.to_dict() if self.conductor else steer.to_dict()
         if meta:
             m.update(meta)
         self.trace = Trace(meta=m)
@@ -84,6 +116,7 @@ class Generation:
         self._ends: list[int] = []  # end offset of each token's text
         self._offset = 0
         self._written_segments = 0
+        self._written_choices = 0
         self._done = False
 
     def __iter__(self) -> Iterator[Update]:
@@ -119,24 +152,35 @@ class Generation:
 
     def _on_token(self, ev: TokenEvent, t: float) -> Update:
         idx = len(self.trace.tokens)
-        rec = TokenRecord(
-            index=idx,
-            text=ev.text,
-            token_id=ev.token_id,
-            logprob=ev.logprob,
-            top=list(ev.top),
-            entropy=ev.entropy,
-            bytes=ev.bytes,
-            attention=ev.attention,
-            lens=list(ev.lens) if ev.lens is not None else None,
-            t=t,
-        )
+        rec = ev.record(idx, t)
         self.trace.tokens.append(rec)
         self._unresolved.append(rec)
         self._offset += len(ev.text)
         self._ends.append(self._offset)
         events = self.parser.feed(ev.text, idx)
-        return Update(token=rec, events=events, resolved=self._absorb(events, final=False))
+        if self.conductor is not None:
+            self.conductor.feed(ev.text, events)
+        upd = Update(token=rec, events=events, resolved=self._absorb(events, final=False))
+        upd.choices = self._take_choices(final=False)
+        return upd
+
+    def _take_choices(self, final: bool) -> list[dict[str, Any]]:
+        """Voice-choice records whose chosen voice is known (all of them at the end)."""
+        c = self.conductor
+        if c is None:
+            return []
+        out: list[dict[str, Any]] = []
+        while self._written_choices < len(c.choices):
+            ch = c.choices[self._written_choices]
+            if not final and ch.chosen is None and ch is c.choices[-1]:
+                break  # its voice is not parsed yet
+            rec = ch.to_dict()
+            self.trace.voice_choices.append({k: v for k, v in rec.items() if k != "type"})
+            if self._writer is not None:
+                self._writer.record(rec)
+            out.append(rec)
+            self._written_choices += 1
+        return out
 
     def segment_of(self, token: int) -> int:
         """Index of the segment reply token ``token`` belongs to (the open one if not yet known)."""
@@ -183,6 +227,10 @@ class Generation:
         self._done = True
         events = self.parser.close()
         resolved = self._absorb(events, final=True)
+        if self.conductor is not None:
+            self.conductor.observe(events)
+            self.conductor.finish()
+        choices = self._take_choices(final=True)
         self.trace.segments = self.builder.segments
         n = len(self.trace.tokens)
         timings = {"total_s": round(elapsed, 6), **finish.timings}
@@ -199,4 +247,4 @@ class Generation:
         if self._writer is not None:
             self._write_segments(closed_only=False)
             self._writer.end(self.trace.finish)
-        return Update(events=events, resolved=resolved, finish=finish)
+        return Update(events=events, resolved=resolved, finish=finish, choices=choices)

@@ -51,3 +51,60 @@ def user_cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("thoughtform", appauthor=False))
+
+
+# Model names every backend understands for the embedded model, plain or with the voices adapter.
+EMBEDDED_VOICES = "embedded-voices"
+MODEL_CHOICES = ("embedded", EMBEDDED_VOICES)
+
+
+def is_embedded(spec: str | os.PathLike[str] | None) -> bool:
+    """Whether ``spec`` names the embedded model (plain or with the voices adapter)."""
+    return spec is None or (
+        isinstance(spec, str) and spec.strip() in (*EMBEDDED_NAMES, EMBEDDED_VOICES)
+    )
+
+
+def resolve_llama_model(
+    spec: str | os.PathLike[str] | None,
+    lora_path: str | os.PathLike[str] | None = None,
+    merged: bool = True,
+) -> tuple[Path, Path | None]:
+    """The GGUF file and LoRA adapter (or None) for a llama.cpp model spec.
+
+    ``embedded-voices`` is the embedded model with the shipped voices adapter: the merged,
+    re-quantised copy from the user cache when one is built (runtime LoRA decodes at
+    0.7-0.85x the base model's speed), else the base GGUF plus the adapter.
+    """
+    if isinstance(spec, str) and spec.strip() == EMBEDDED_VOICES:
+        from .adapters import voices_adapter_path
+
+        adapter = voices_adapter_path()
+        if not adapter.is_file():
+            raise BackendError(f"{adapter}: voices adapter not built (run `make adapter`)")
+        if merged and lora_path is None:
+            try:
+                from .adapters.merged import merged_voices_model
+            except ImportError:
+                merged_voices_model = None  # type: ignore[assignment]
+            if merged_voices_model is not None:
+                path = merged_voices_model()
+                if path is not None:
+                    return path, None
+        return embedded_gguf_path(), Path(lora_path) if lora_path else adapter
+    path = Path(resolve_model(spec))
+    return path, Path(lora_path) if lora_path else None
+
+
+def model_display_name(spec: str | os.PathLike[str] | None, path: Path, lora: Path | None) -> str:
+    """A short name for traces and the UI: ``embedded``, ``embedded-voices`` or the file name."""
+    if isinstance(spec, str) and spec.strip() == EMBEDDED_VOICES:
+        return EMBEDDED_VOICES
+    name = (
+        "embedded"
+        if spec is None or (isinstance(spec, str) and spec.strip() in EMBEDDED_NAMES)
+        else path.name
+    )
+    if lora is not None:
+        name += f"+{lora.stem}"
+    return name

@@ -146,6 +146,10 @@ class TokenRecord:
     attention: AttentionSummary | None = None
     lens: list[str] | None = None
     t: float | None = None
+    steered: bool = False
+    steered_logprob: float | None = None
+    forced: bool = False
+    vector: list[list[Any]] | None = None  # [[voice, strength], ...] in force at this token
 
     def to_dict(self) -> dict[str, Any]:
         """The JSONL token record."""
@@ -168,6 +172,13 @@ class TokenRecord:
         t = _num(self.t)
         if t is not None:
             d["t"] = round(t, 6)
+        if self.steered or self.forced:
+            d["steered"] = True
+            d["steered_logprob"] = _num(self.steered_logprob)
+            if self.forced:
+                d["forced"] = True
+        if self.vector:
+            d["vector"] = self.vector
         return d
 
     @classmethod
@@ -195,7 +206,22 @@ class TokenRecord:
             attention=AttentionSummary.from_dict(att) if isinstance(att, dict) else None,
             lens=[str(x) for x in d["lens"]] if isinstance(d.get("lens"), list) else None,
             t=_num(d.get("t")),
+            steered=bool(d.get("steered")),
+            steered_logprob=_num(d.get("steered_logprob")),
+            forced=bool(d.get("forced")),
+            vector=_vector(d.get("vector")),
         )
+
+
+def _vector(x: Any) -> list[list[Any]] | None:
+    if not isinstance(x, list):
+        return None
+    out = [
+        [str(v[0]), float(v[1])]
+        for v in x
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], (int, float))
+    ]
+    return out or None
 
 
 def segment_to_record(seg: Segment) -> dict[str, Any]:
@@ -241,6 +267,9 @@ class Trace:
     segments: list[Segment] = field(default_factory=list)
     finish: dict[str, Any] | None = None
     source_text: str | None = None
+    # Who-speaks-next records ({"type": "voice_choice", "token", "probs", "chosen", "forced"}),
+    # one per voice boundary, kept as plain mappings (thoughtform.steer.VoiceChoice reads them).
+    voice_choices: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -265,6 +294,8 @@ class Trace:
             yield t.to_dict()
         for s in self.segments:
             yield segment_to_record(s)
+        for c in self.voice_choices:
+            yield {**c, "type": "voice_choice"}
         if self.finish is not None:
             yield _end_record(self.finish)
 
@@ -275,11 +306,6 @@ class Trace:
     def save(self, path: str | Path) -> None:
         """Write the trace to ``path`` as JSONL."""
         Path(path).write_text(self.to_jsonl(), encoding="utf-8")
-
-    def _repr_html_(self) -> str:
-        from .render.html import render_fragment
-
-        return render_fragment(self)
 
 
 def _end_record(finish: dict[str, Any]) -> dict[str, Any]:
@@ -375,6 +401,10 @@ def parse_trace_lines(
                 if not isinstance(rec.get("text"), str):
                     raise TypeError("'text' must be a string")
                 trace.source_text = (trace.source_text or "") + rec["text"]
+            elif kind == "voice_choice":
+                if not isinstance(rec.get("probs"), dict):
+                    raise TypeError("'probs' must be an object")
+                trace.voice_choices.append({k: v for k, v in rec.items() if k != "type"})
             elif kind == "end":
                 trace.finish = {k: v for k, v in rec.items() if k != "type"}
             elif kind == "meta":
@@ -449,6 +479,10 @@ class TraceWriter:
         if self._since >= self._flush_every and self._fh is not None:
             self._fh.flush()
             self._since = 0
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Append any other record (e.g. a voice choice)."""
+        self._write(rec)
 
     def segment(self, seg: Segment) -> None:
         """Append one closed segment."""

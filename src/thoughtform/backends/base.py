@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from ..trace import Alternative, AttentionSummary
+from ..trace import Alternative, AttentionSummary, TokenRecord
+
+if TYPE_CHECKING:
+    from ..steer import Conductor
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -52,6 +57,9 @@ class GenerationRequest:
     # Buckets earlier reply tokens for attention summaries (reply index -> bucket, e.g. its
     # voice segment); set by the Generation pipeline, which knows the segments.
     segment_of: Callable[[int], int] | None = field(default=None, compare=False, repr=False)
+    # The conductor of this run (set by Generation): backends with token-level control ask it
+    # before every token what to force, ban and sample with (see thoughtform.steer).
+    conductor: Conductor | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_chat(self) -> bool:
@@ -71,6 +79,32 @@ class TokenEvent:
     entropy: float | None = None
     attention: AttentionSummary | None = None
     lens: tuple[str, ...] | None = None
+    # Steering: ``logprob``/``top``/``entropy`` always describe the model's own distribution;
+    # where the conductor changed it (mask, bias, per-voice sampling, forced token) ``steered``
+    # is set and ``steered_logprob`` is the chosen token's log-probability as sampled.
+    steered: bool = False
+    steered_logprob: float | None = None
+    forced: bool = False
+    vector: tuple[tuple[str, float], ...] = ()
+
+    def record(self, index: int, t: float | None = None) -> TokenRecord:
+        """This event as the trace's token record (the one conversion, used everywhere)."""
+        return TokenRecord(
+            index=index,
+            text=self.text,
+            token_id=self.token_id,
+            logprob=self.logprob,
+            top=list(self.top),
+            entropy=self.entropy,
+            bytes=self.bytes,
+            attention=self.attention,
+            lens=list(self.lens) if self.lens is not None else None,
+            t=t,
+            steered=self.steered,
+            steered_logprob=self.steered_logprob,
+            forced=self.forced,
+            vector=[list(v) for v in self.vector] if self.vector else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +133,11 @@ class Capabilities:
     grammar: bool = False
     chat: bool = True
     completion: bool = True
+    # Steering through the conductor, token by token (mask, force, per-voice sampling).
+    token_control: bool = False
+    # Who speaks next: exact marker probabilities (parallel sequences) or approximate.
+    voice_scores: Literal["exact", "approximate", "none"] = "none"
+    voice_vectors: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping."""
@@ -155,3 +194,74 @@ def alt_text(b: bytes) -> str:
         return b.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(f"<0x{x:02X}>" for x in b)
+
+
+class TokenEmitter:
+    """Decodes token bytes incrementally and holds back text that may begin a stop string, so a
+    stop string split across tokens never leaks its first part (shared by the local backends)."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending: list[TokenEvent] = []
+        self.stopped = False
+
+    def push(self, ev: TokenEvent, raw: bytes) -> list[TokenEvent]:
+        """Add one token (text computed here from ``raw``); return the tokens now safe to emit."""
+        text = self.dec.decode(raw)
+        self.pending.append(dataclasses.replace(ev, text=text))
+        if not self.stops and not self.dec.getstate()[0]:
+            out = self.pending
+            self.pending = []
+            return out
+        ptext = "".join(p.text for p in self.pending)
+        hit = min((k for k in (ptext.find(s) for s in self.stops) if k >= 0), default=-1)
+        if hit >= 0:
+            self.stopped = True
+            return self._cut(hit)
+        hold = 0
+        for n in range(min(len(ptext), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(ptext[-n:]) for s in self.stops):
+                hold = n
+                break
+        # A token ending inside a UTF-8 character stays pending so that, if the stream ends
+        # there, the flushed replacement char lands on it and not on a new, fake token.
+        partial = bool(self.dec.getstate()[0])
+        limit = len(ptext) - hold
+        out: list[TokenEvent] = []
+        pos = 0
+        for i, p in enumerate(self.pending):
+            end = pos + len(p.text)
+            if end > limit or (partial and i == len(self.pending) - 1):
+                break
+            out.append(p)
+            pos = end
+        del self.pending[: len(out)]
+        return out
+
+    def _cut(self, hit: int) -> list[TokenEvent]:
+        """Tokens before a stop string starting at ``hit``; a straddling one is truncated."""
+        out: list[TokenEvent] = []
+        pos = 0
+        for p in self.pending:
+            end = pos + len(p.text)
+            if end <= hit:
+                out.append(p)
+            elif pos < hit:
+                # Its bytes no longer match its text, so they are dropped (unknown).
+                out.append(dataclasses.replace(p, text=p.text[: hit - pos], bytes=None))
+                break
+            else:
+                break
+            pos = end
+        self.pending = []
+        return out
+
+    def flush(self) -> list[TokenEvent]:
+        """Everything still held, the decoder's tail (an incomplete char) on the last token."""
+        tail = self.dec.decode(b"", final=True)
+        out = self.pending
+        self.pending = []
+        if tail and out and not self.stopped:
+            out[-1] = dataclasses.replace(out[-1], text=out[-1].text + tail)
+        return out

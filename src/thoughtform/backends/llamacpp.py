@@ -1,36 +1,44 @@
-"""The embedded default backend: llama-cpp-python with telemetry from a logits processor.
+"""The embedded default backend: llama.cpp in process, on a decode loop we own.
 
-llama-cpp-python's own ``logprobs`` need ``logits_all=True`` (a ctx x vocab float array and a
-Python sort per token: ~6x slower). Instead a logits processor sees each step's raw logits once,
-takes the top-k with ``numpy.argpartition`` and the exact entropy from the full distribution.
+``Llama.generate()`` hides the step between two tokens, which is where steering happens, and its
+own ``logprobs`` need ``logits_all=True`` (a ctx x vocab float array and a Python sort per token).
+So this backend drives llama.cpp's low-level API itself: one ``llama_decode`` per token on
+sequence 0, the step's logits read once through ``llama_get_logits_ith`` for telemetry (top-k,
+exact entropy) and sampling in numpy, the conductor consulted before every token, and who-speaks-
+next scored by decoding every voice's marker as a parallel sequence (``llama_memory_seq_cp``) in
+one batch. ``Llama`` is kept for loading, tokenizing and the chat template only.
 """
 
 from __future__ import annotations
 
-import codecs
-import math
+import ctypes
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..trace import Alternative
+from . import logits as L
 from .base import (
     BackendError,
     Capabilities,
     FinishEvent,
+    FinishReason,
     GenerationRequest,
     StreamEvent,
+    TokenEmitter,
     TokenEvent,
     alt_text,
 )
 
 MAX_ALTERNATIVES = 50
+N_SEQ_MAX = 16  # sequence 0 is the reply; the rest score markers and sample branches
+N_BATCH = 512
 
 # llama.cpp's OpenMP workers spin while waiting; on a busy machine (a browser, a test runner, the
 # UI) that collapses 2-core throughput from ~60 to ~1 tok/s, while passive waiting costs little
@@ -56,49 +64,62 @@ def decode_threads() -> int:
     return max(1, _cores() - 1)
 
 
-class _Telemetry:
-    """A logits processor that records each step's logits, log-partition, top-k and entropy.
+class _Grammar:
+    """A llama.cpp GBNF grammar sampler, checked lazily: the sampled token first, the whole
+    vocabulary only when it is rejected (what llama.cpp's own common sampler does)."""
 
-    Cost matters: it runs once per token on the full vocabulary (49,152 for SmolLM2), so it
-    works in float32 and avoids materialising the log-softmax: entropy is
-    H = log Z - E_p[x] with E_p[x] = (exp(x - m) . x) / sum(exp(x - m)).
-    """
+    def __init__(self, vocab: Any, text: str) -> None:
+        import llama_cpp
 
-    def __init__(self, k: int, bias: dict[int, float] | None = None) -> None:
-        self.k = k
-        self.logits: np.ndarray | None = None
-        self.log_z = 0.0
-        self.top_ids: np.ndarray | None = None
-        self.entropy: float | None = None
-        self._bias_ids = np.array(list(bias), dtype=np.intc) if bias else None
-        self._bias_vals = np.array(list(bias.values()), dtype=np.single) if bias else None
+        self._c = llama_cpp
+        self.smpl = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        if not self.smpl:
+            raise BackendError("invalid GBNF grammar (it does not parse)")
+        self._one = (llama_cpp.llama_token_data * 1)()
+        self._arr1 = llama_cpp.llama_token_data_array(
+            data=self._one, size=1, selected=-1, sorted=False
+        )
+        self._full: np.ndarray | None = None
 
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        # A copy: llama.cpp reuses the buffer once the token is sampled.
-        x = np.array(scores, dtype=np.float32)
-        m = float(x.max())
-        z = np.exp(x - m)
-        s = float(z.sum())
-        self.log_z = m + math.log(s)
-        self.entropy = max(0.0, self.log_z - float(np.dot(z, x)) / s)
-        self.logits = x
-        k = min(self.k, x.shape[0])
-        if k > 0:
-            idx = np.argpartition(x, x.shape[0] - k)[-k:]
-            self.top_ids = idx[np.argsort(-x[idx], kind="stable")]
-        else:
-            self.top_ids = None
-        if self._bias_ids is not None and self._bias_vals is not None:
-            out = np.array(scores, dtype=np.single, copy=True)
-            out[self._bias_ids] += self._bias_vals
-            return out
-        return scores
+    def allows(self, tok: int, logit: float) -> bool:
+        """Whether the grammar accepts ``tok`` next."""
+        self._one[0].id = tok
+        self._one[0].logit = logit
+        self._one[0].p = 0.0
+        self._arr1.size = 1
+        self._arr1.selected = -1
+        self._c.llama_sampler_apply(self.smpl, ctypes.byref(self._arr1))
+        return bool(np.isfinite(self._one[0].logit))
 
-    def logprob(self, tok: int) -> float | None:
-        """Log-probability of token ``tok`` at the last step (raw model distribution)."""
-        if self.logits is None:
-            return None
-        return float(self.logits[tok]) - self.log_z
+    def mask(self, x: np.ndarray) -> np.ndarray:
+        """``x`` with every token the grammar rejects at -inf."""
+        n = x.shape[0]
+        if self._full is None or self._full.shape[0] != n:
+            self._full = np.zeros(
+                n, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)])
+            )
+        cand = self._full
+        cand["id"] = np.arange(n, dtype=np.intc)
+        cand["logit"] = x
+        cand["p"] = 0.0
+        arr = self._c.llama_token_data_array(
+            data=cand.ctypes.data_as(ctypes.POINTER(self._c.llama_token_data)),
+            size=n,
+            selected=-1,
+            sorted=False,
+        )
+        self._c.llama_sampler_apply(self.smpl, ctypes.byref(arr))
+        return np.array(cand["logit"], dtype=np.float32)
+
+    def accept(self, tok: int) -> None:
+        """Advance the grammar over an emitted token."""
+        self._c.llama_sampler_accept(self.smpl, tok)
+
+    def free(self) -> None:
+        """Release the sampler."""
+        if self.smpl:
+            self._c.llama_sampler_free(self.smpl)
+            self.smpl = None
 
 
 class LlamaCppBackend:
@@ -113,51 +134,77 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         lora_path: str | Path | None = None,
         seed: int | None = None,
+        merged: bool = True,
     ) -> None:
         try:
+            import llama_cpp
             from llama_cpp import Llama
         except ImportError as e:
             raise BackendError(
                 "backend 'llamacpp' needs llama-cpp-python: pip install 'thoughtform[llama]'"
             ) from e
-        from ..models import resolve_model
+        from ..models import model_display_name, resolve_llama_model
 
-        if model == "embedded-voices":
-            # The embedded model with the voices LoRA adapter shipped in the package.
-            from ..adapters import voices_adapter_path
-
-            adapter = voices_adapter_path()
-            if not adapter.is_file():
-                raise BackendError(f"{adapter}: voices adapter not built (run `make adapter`)")
-            lora_path = lora_path or adapter
-            model = None
-        path = Path(resolve_model(model))
+        path, lora = resolve_llama_model(model, lora_path, merged=merged)
         if not path.is_file():
             raise BackendError(f"{path}: model file not found")
-        if lora_path is not None and not Path(lora_path).is_file():
-            # llama-cpp-python does not check: a missing adapter crashes the first decode.
-            raise BackendError(f"{lora_path}: LoRA adapter file not found")
+        if lora is not None and not lora.is_file():
+            # llama.cpp does not check: a missing adapter crashes the first decode.
+            raise BackendError(f"{lora}: LoRA adapter file not found")
         self.model_path = path
-        self.model_name = "embedded" if model in (None, "embedded") else path.name
-        if lora_path:
-            self.model_name += f"+{Path(lora_path).stem}"
-        self.lora_path = Path(lora_path) if lora_path else None
+        self.lora_path = lora
+        self.model_name = model_display_name(model, path, lora)
+        self._c = llama_cpp
         try:
+            # Llama loads the model, the tokenizer and the chat template; its own context stays
+            # tiny because generation runs on the context made below.
             self._llm = Llama(
                 model_path=str(path),
-                n_ctx=n_ctx,
-                n_threads=n_threads or decode_threads(),
-                n_threads_batch=n_threads or _cores(),
-                lora_path=str(lora_path) if lora_path else None,
+                n_ctx=64,
+                n_batch=64,
+                n_threads=1,
+                lora_path=str(lora) if lora else None,
                 seed=seed if seed is not None else 0,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise BackendError(f"{path}: cannot load model: {e}") from None
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = N_BATCH
+        params.n_ubatch = N_BATCH
+        params.n_seq_max = N_SEQ_MAX
+        # One cache shared by all sequences: markers and branches copy the reply's prefix
+        # instead of each sequence getting n_ctx / n_seq_max cells of its own.
+        params.kv_unified = True
+        params.n_threads = n_threads or decode_threads()
+        params.n_threads_batch = n_threads or _cores()
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._llm._model.model, params)
+        if not self._ctx:
+            self._llm.close()
+            raise BackendError(f"{path}: cannot create a llama.cpp context (n_ctx {n_ctx})")
+        if self._llm._lora_adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._llm._lora_adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales):
+                self.close()
+                raise BackendError(f"{lora}: cannot apply the LoRA adapter")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ_MAX)
+        self._n_ctx = n_ctx
+        self._n_vocab = self._llm.n_vocab()
+        self._n_embd = llama_cpp.llama_model_n_embd(self._llm._model.model)
+        self._n_layer = llama_cpp.llama_model_n_layer(self._llm._model.model)
+        self._past: list[int] = []  # tokens in sequence 0's cache
         self._lock = threading.Lock()
         self._piece_cache: dict[int, bytes] = {}
+        self._vocab: Any = None
         self._formatter = self._make_formatter()
         self._eos = self._llm.token_eos()
+        self._cvec_key: Any = None
+
+    # -- model facts -------------------------------------------------------------------------
 
     def _make_formatter(self) -> Any:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -181,7 +228,8 @@ class LlamaCppBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        """Full telemetry: top-k up to 50, exact entropy, logit bias, grammar."""
+        """Full telemetry and full control: top-k up to 50, exact entropy, logit bias, grammar,
+        token-level steering, exact who-speaks-next, voice vectors."""
         return Capabilities(
             logprobs=True,
             max_alternatives=MAX_ALTERNATIVES,
@@ -190,7 +238,20 @@ class LlamaCppBackend:
             grammar=True,
             chat=self._formatter is not None,
             completion=True,
+            token_control=True,
+            voice_scores="exact",
+            voice_vectors=True,
         )
+
+    @property
+    def n_embd(self) -> int:
+        """Width of the residual stream."""
+        return int(self._n_embd)
+
+    @property
+    def n_layer(self) -> int:
+        """Number of transformer layers."""
+        return int(self._n_layer)
 
     def chat_prompt(self, request: GenerationRequest) -> str:
         """The prompt text the GGUF's chat template makes of the request's messages."""
@@ -199,37 +260,148 @@ class LlamaCppBackend:
         msgs = [{"role": m.role, "content": m.content} for m in request.messages]
         return str(self._formatter(messages=msgs).prompt)
 
-    def _alternative(self, tok: int, tel: _Telemetry) -> Alternative:
-        b = self._piece(tok)
-        return Alternative(alt_text(b), tel.logprob(tok), tok, b)
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids (chat template applied for chat requests)."""
+        if request.is_chat:
+            text = self.chat_prompt(request)
+            return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        return list(self._llm.tokenize((request.prompt or "").encode("utf-8"), special=False))
 
-    def _piece(self, tok: int) -> bytes:
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text, no BOS, special tokens not parsed."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def piece(self, tok: int) -> bytes:
+        """The bytes of one token."""
         b = self._piece_cache.get(tok)
         if b is None:
             b = self._llm.detokenize([tok])
             self._piece_cache[tok] = b
         return b
 
-    def _grammar_ok(self, text: str) -> bool:
-        """Whether llama.cpp parses the GBNF grammar (LlamaGrammar.from_string does not check,
-        and sampling with a grammar that failed to parse crashes the process)."""
-        import llama_cpp
+    def vocab(self) -> Any:
+        """The vocabulary as the conductor needs it (built once: ~0.2 s for 49,152 tokens)."""
+        if self._vocab is None:
+            from ..steer import Vocab
 
-        smpl = llama_cpp.llama_sampler_init_grammar(
-            self._llm._model.vocab, text.encode("utf-8"), b"root"
-        )
-        if not smpl:
-            return False
-        llama_cpp.llama_sampler_free(smpl)
-        return True
+            n = self._n_vocab
+            pieces = [self.piece(i) for i in range(n)]
+            v = self._llm._model.vocab
+            eog = [i for i in range(n) if self._c.llama_vocab_is_eog(v, i)] or [self._eos]
+            self._vocab = Vocab(pieces, eog, self.tokenize)
+        return self._vocab
 
     def _is_eog(self, tok: int) -> bool:
-        try:
-            import llama_cpp
+        return bool(self._c.llama_vocab_is_eog(self._llm._model.vocab, tok))
 
-            return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, tok))
-        except (AttributeError, TypeError):
-            return tok == self._eos
+    def _grammar_ok(self, text: str) -> bool:
+        """Whether llama.cpp parses the GBNF grammar (a grammar that fails to parse would crash
+        sampling, so it is checked before use)."""
+        try:
+            _Grammar(self._llm._model.vocab, text).free()
+        except BackendError:
+            return False
+        return True
+
+    # -- the low-level loop ----------------------------------------------------------------------
+
+    def _decode(self, items: Sequence[tuple[int, int, int, bool]]) -> None:
+        """Decode ``(token, position, seq, want_logits)`` items in one batch."""
+        b = self._batch
+        for i, (tok, pos, seq, want) in enumerate(items):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+        b.n_tokens = len(items)
+        rc = self._c.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _logits(self, i: int = -1) -> np.ndarray:
+        ptr = self._c.llama_get_logits_ith(self._ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _eval_prompt(self, ids: list[int], fresh: bool) -> None:
+        """Bring sequence 0's cache to ``ids`` (reusing the common prefix unless ``fresh``)."""
+        keep = 0
+        if not fresh:
+            for a, b in zip(self._past, ids, strict=False):
+                if a != b:
+                    break
+                keep += 1
+            keep = min(keep, len(ids) - 1)  # the last prompt token is decoded for its logits
+        if keep == 0:
+            self._c.llama_memory_clear(self._mem, True)
+        else:
+            self._c.llama_memory_seq_rm(self._mem, 0, keep, -1)
+        for s in range(1, N_SEQ_MAX):
+            self._c.llama_memory_seq_rm(self._mem, s, -1, -1)
+        self._past = ids[:keep]
+        rest = ids[keep:]
+        for a in range(0, len(rest), N_BATCH):
+            chunk = rest[a : a + N_BATCH]
+            last = a + len(chunk) == len(rest)
+            self._decode(
+                [(t, keep + a + j, 0, last and j == len(chunk) - 1) for j, t in enumerate(chunk)]
+            )
+        self._past = list(ids)
+
+    def score_sequences(
+        self, seqs: Sequence[Sequence[int]], x: np.ndarray, log_z: float
+    ) -> list[float]:
+        """Log-probability of each token sequence continuing sequence 0, whose next-token logits
+        are ``x``: first tokens from ``x``, the rest by decoding every sequence in parallel
+        (copies of sequence 0's cache) in one batch per ``N_SEQ_MAX - 1`` sequences."""
+        out = [float(x[s[0]]) - log_z if s else 0.0 for s in seqs]
+        multi = [(i, list(s)) for i, s in enumerate(seqs) if len(s) > 1]
+        n_past = len(self._past)
+        per = N_SEQ_MAX - 1
+        for a in range(0, len(multi), per):
+            group = multi[a : a + per]
+            items: list[tuple[int, int, int, bool]] = []
+            rows: list[tuple[int, int]] = []  # (sequence index, next token) per logits row
+            for j, (i, s) in enumerate(group):
+                self._c.llama_memory_seq_cp(self._mem, 0, j + 1, -1, -1)
+                for t in range(len(s) - 1):
+                    items.append((s[t], n_past + t, j + 1, True))
+                    rows.append((i, s[t + 1]))
+            if len(items) > N_BATCH:
+                raise BackendError("markers too long to score in one batch")
+            try:
+                self._decode(items)
+                for r, (i, nxt) in enumerate(rows):
+                    row = self._logits(r)
+                    out[i] += float(row[nxt]) - L.log_partition(row)
+            finally:
+                for j in range(len(group)):
+                    self._c.llama_memory_seq_rm(self._mem, j + 1, -1, -1)
+        return out
+
+    def _set_vector(self, spec: tuple[tuple[str, float], ...], conductor: Any) -> None:
+        """Put the voice vectors of ``spec`` ((voice, strength) pairs) into the context; one
+        buffer upload per change (a boundary), nothing per token."""
+        if spec == self._cvec_key:
+            return
+        self._cvec_key = spec
+        if not spec:
+            self._c.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, 0, 0)
+            return
+        from ..vectors import cvec_buffer, vectors_for
+
+        loaded = vectors_for(conductor.plan, [v for v, _ in spec], conductor.voices)
+        pairs = [(loaded[v], s) for v, s in spec if v in loaded]
+        if not pairs:
+            self._c.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, 0, 0)
+            return
+        buf, il_start, il_end = cvec_buffer(pairs, self._n_embd, self._n_layer)
+        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = self._c.llama_set_adapter_cvec(
+            self._ctx, ptr, buf.size, self._n_embd, il_start, il_end
+        )
+        if rc != 0:
+            raise BackendError(f"llama_set_adapter_cvec failed ({rc})")
 
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
@@ -240,121 +412,160 @@ class LlamaCppBackend:
             yield FinishEvent("error", "the model is busy with another generation")
             return
         n = 0
+        grammar: _Grammar | None = None
+        conductor = request.conductor
         try:
             try:
-                if request.is_chat:
-                    prompt = self.chat_prompt(request)
-                    ids = self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-                else:
-                    ids = self._llm.tokenize((request.prompt or "").encode("utf-8"), special=False)
+                ids = self.prompt_ids(request)
             except BackendError as e:
                 yield FinishEvent("error", str(e))
                 return
+            if not ids:
+                ids = [self._llm.token_bos()]
             s = request.sampling
-            room = self._llm.n_ctx() - len(ids)
+            room = self._n_ctx - len(ids)
             if room <= 0:
-                yield FinishEvent(
-                    "error", f"prompt is {len(ids)} tokens; context is {self._llm.n_ctx()}"
-                )
+                yield FinishEvent("error", f"prompt is {len(ids)} tokens; context is {self._n_ctx}")
                 return
             max_new = min(s.max_tokens or room, room)
             k = max(0, min(request.alternatives, MAX_ALTERNATIVES))
-            tel = _Telemetry(k, request.logit_bias or None)
-            from llama_cpp import LogitsProcessorList
-
-            grammar = None
             if request.grammar:
-                from llama_cpp import LlamaGrammar
-
-                if not self._grammar_ok(request.grammar):
-                    yield FinishEvent("error", "invalid GBNF grammar (it does not parse)")
+                try:
+                    grammar = _Grammar(self._llm._model.vocab, request.grammar)
+                except BackendError as e:
+                    yield FinishEvent("error", str(e))
                     return
-                grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
-            self._llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
-            if s.seed is not None:
-                # Reusing the cached prompt prefix re-evaluates only its last token, and a single
-                # token goes through other kernels than a batch: logits differ in the last bits
-                # and a seeded sample can flip. A seed promises a repeatable reply, so evaluate
-                # the whole prompt afresh; unseeded chats keep the faster prefix reuse.
-                self._llm.reset()
-            gen = self._llm.generate(
-                ids,
-                reset=s.seed is None,
-                top_k=s.top_k if s.top_k > 0 else 0,
-                top_p=s.top_p,
-                min_p=0.0,
-                temp=max(0.0, s.temperature),
-                repeat_penalty=1.0,
-                logits_processor=LogitsProcessorList([tel]),
-                grammar=grammar,
-            )
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            text_so_far = ""
+            seed = s.seed if s.seed is not None else random.randrange(2**31)
+            rng = np.random.default_rng(seed)
+            bias_ids = np.array(list(request.logit_bias), dtype=np.intc)
+            bias_vals = np.array(list(request.logit_bias.values()), dtype=np.float32)
+            if conductor is not None:
+                conductor.bind(self.vocab())
+            # A seed promises a repeatable reply: evaluate the whole prompt afresh (a cached
+            # prefix changes the batch shapes and so the last bits of the logits); unseeded
+            # chats reuse the cached prefix.
+            self._eval_prompt(ids, fresh=s.seed is not None)
+            emitter = TokenEmitter(tuple(s.stop))
             t_first: float | None = None
-            reason = "length"
-            try:
-                for tok in gen:
-                    if cancel is not None and cancel.is_set():
-                        reason = "cancelled"
-                        break
-                    if self._is_eog(tok):
-                        reason = "stop"
-                        break
-                    b = self._piece(tok)
-                    piece = decoder.decode(b)
-                    top: tuple[Alternative, ...] = ()
-                    if tel.top_ids is not None:
-                        top = tuple(self._alternative(int(i), tel) for i in tel.top_ids)
+            reason: FinishReason = "length"
+            base = (s.temperature, s.top_p)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                x = np.array(self._logits(-1), dtype=np.float32)
+                log_z, entropy, top_ids = L.summarize(x, k)
+
+                def score(
+                    seqs: Sequence[Sequence[int]], x: np.ndarray = x, log_z: float = log_z
+                ) -> list[float]:
+                    return self.score_sequences(seqs, x, log_z)
+
+                step = conductor.step(score) if conductor is not None else None
+                if step is not None and step.vector != self._cvec_key:
+                    self._set_vector(step.vector, conductor)
+                forced = False
+                steered = False
+                slp: float | None = None
+                if step is not None and step.force is not None:
+                    tok, forced, steered, slp = step.force, True, True, 0.0
+                else:
+                    temp, top_p = (step.temperature, step.top_p) if step else base
+                    top_k = step.top_k if step else s.top_k
+                    xs = x
+                    if bias_ids.size or (step is not None and step.ban is not None):
+                        xs = x.copy()
+                        if bias_ids.size:
+                            xs[bias_ids] += bias_vals
+                        if step is not None and step.ban is not None:
+                            banned = step.ban
+                            mass = float(np.exp(x[banned] - log_z).sum())
+                            xs[banned] = -np.inf
+                            steered = steered or mass > 1e-6
+                        steered = steered or bool(bias_ids.size)
+                    tok, slp = L.sample(xs, temp, top_p, top_k, rng)
+                    if grammar is not None and not grammar.allows(tok, float(xs[tok])):
+                        xs = grammar.mask(xs)
+                        if not np.isfinite(xs).any():
+                            yield FinishEvent("error", "the grammar allows no token here")
+                            return
+                        tok, slp = L.sample(xs, temp, top_p, top_k, rng)
+                        steered = True
+                    steered = steered or (temp, top_p) != base
+                    if step is not None and step.intercept:
+                        tok2, forced = conductor.intercept(tok, score)  # type: ignore[union-attr]
+                        if forced:
+                            tok, steered, slp = tok2, True, 0.0
+                if self._is_eog(tok):
+                    reason = "stop"
+                    break
+                if grammar is not None:
+                    grammar.accept(tok)
+                b = self.piece(tok)
+                top: tuple[Alternative, ...] = ()
+                if top_ids is not None:
+                    top = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
+                ev = TokenEvent(
+                    text="",
+                    token_id=tok,
+                    bytes=b,
+                    logprob=float(x[tok]) - log_z,
+                    top=top,
+                    entropy=entropy,
+                    steered=steered,
+                    steered_logprob=slp if steered else None,
+                    forced=forced,
+                    vector=step.vector if step is not None else (),
+                )
+                for out in emitter.push(ev, b):
                     if t_first is None:
                         t_first = time.perf_counter() - t0
-                    if s.stop:
-                        text_so_far += piece
-                        hit = min(
-                            (text_so_far.find(x) for x in s.stop if x in text_so_far), default=-1
-                        )
-                        if hit >= 0:
-                            # Keep the text before the stop string; drop the rest.
-                            before = len(text_so_far) - len(piece)
-                            piece = piece[: max(0, hit - before)]
-                            if piece:
-                                yield TokenEvent(piece, tok, b, tel.logprob(tok), top, tel.entropy)
-                                n += 1
-                            reason = "stop"
-                            break
-                    yield TokenEvent(
-                        text=piece,
-                        token_id=tok,
-                        bytes=b,
-                        logprob=tel.logprob(tok),
-                        top=top,
-                        entropy=tel.entropy,
-                    )
-                    n += 1
-                    if n >= max_new:
-                        reason = "length"
-                        break
-            finally:
-                gen.close()
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield TokenEvent(text=tail)
+                    yield out
+                if emitter.stopped:
+                    reason = "stop"
+                    break
+                n += 1
+                if n >= max_new:
+                    reason = "length"
+                    break
+                self._decode([(tok, len(self._past), 0, True)])
+                self._past.append(tok)
+            for out in emitter.flush():
+                yield out
             timings = {"total_s": time.perf_counter() - t0}
             if t_first is not None:
                 timings["first_token_s"] = t_first
             yield FinishEvent(
-                reason,  # type: ignore[arg-type]
-                timings=timings,
-                usage={"prompt_tokens": len(ids), "completion_tokens": n},
+                reason, timings=timings, usage={"prompt_tokens": len(ids), "completion_tokens": n}
             )
         except GeneratorExit:
             raise
         except Exception as e:  # keep the partial reply; report the fault as the final event
             yield FinishEvent("error", f"{type(e).__name__}: {e}")
         finally:
+            if grammar is not None:
+                grammar.free()
+            if self._cvec_key:
+                try:
+                    self._set_vector((), None)
+                except Exception:
+                    pass
             self._lock.release()
 
+    def _alternative(self, tok: int, x: np.ndarray, log_z: float) -> Alternative:
+        b = self.piece(tok)
+        return Alternative(alt_text(b), float(x[tok]) - log_z, tok, b)
+
     def close(self) -> None:
-        """Free the model."""
+        """Free the context, then the model."""
+        c = getattr(self, "_c", None)
+        if c is not None:
+            if getattr(self, "_batch", None) is not None:
+                c.llama_batch_free(self._batch)
+                self._batch = None
+            if getattr(self, "_ctx", None):
+                c.llama_free(self._ctx)
+                self._ctx = None
         llm = getattr(self, "_llm", None)
         if llm is not None:
             llm.close()
