@@ -1,7 +1,8 @@
 """The Gradio workbench: ``build_app(config) -> gr.Blocks`` and ``serve(config)``.
 
 Gradio lays out the page and carries events; one ``gr.HTML`` component with a static template
-hosts the renderer (``assets/workbench.js``), fed with small delta payloads (``stream.py``).
+hosts the renderer (``assets/workbench.js`` and one ``assets/view-*.js`` per view), fed with
+small delta payloads (``stream.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ SETTING_KEYS = (
 )
 VOICE_COLUMNS = ["name", "color", "glyph", "syntax", "aliases", "description"]
 EXPORTS = ["Trace (JSONL)", "HTML report", "Markdown"]
+# The renderer: its core first, then one file per view (each registers itself with the core).
+SCRIPTS = (
+    "workbench.js",
+    "view-chat.js",
+    "view-lanes.js",
+    "view-tokens.js",
+    "view-stats.js",
+    "view-attention.js",
+)
 
 
 def asset(name: str) -> str:
@@ -142,7 +152,9 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         except (TypeError, ValueError):
             return None
 
-    head = f"<style>{asset('workbench.css')}</style><script>{asset('workbench.js')}</script>"
+    head = f"<style>{asset('workbench.css')}</style>" + "".join(
+        f"<script>{asset(name)}</script>" for name in SCRIPTS
+    )
 
     with gr.Blocks(title="thoughtform", analytics_enabled=False, fill_width=True) as demo:
         tab_state = gr.State(Tab().to_dict())
