@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -199,79 +198,74 @@ def cmd_voices(args: argparse.Namespace) -> int:
 # -- generation ------------------------------------------------------------------------------
 
 
-def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
-    name = args.backend
-    opts: dict[str, Any] = {}
-    if name == "openai":
-        opts["base_url"] = args.base_url or os.environ.get("THOUGHTFORM_BASE_URL")
-        opts["model"] = args.model or os.environ.get("THOUGHTFORM_MODEL")
-        opts["api_key"] = args.api_key or os.environ.get("THOUGHTFORM_API_KEY")
-        if not opts["base_url"]:
-            raise UserError("backend openai: give --base-url or set THOUGHTFORM_BASE_URL")
-    elif name == "replay":
-        if not args.model:
-            raise UserError("backend replay: give --model PATH (a trace JSONL or a transcript)")
-        opts["path"] = args.model
-        opts["rate"] = args.rate
-    elif args.model:
-        opts["model"] = args.model
-    return opts
-
-
-def make_backend(args: argparse.Namespace) -> Any:
-    """Create the backend named by ``--backend`` with its options, or raise UserError."""
-    from .backends import BackendError, create_backend
+def chat_settings(args: argparse.Namespace, vs: VoiceSet) -> Any:
+    """The library's ChatSettings (with a checked steering plan) from generation flags."""
+    from .conversation import ChatSettings, steer_plan
+    from .steer import SteerError
 
     try:
-        return create_backend(args.backend, **_backend_options(args))
+        plan = steer_plan(
+            vs,
+            next_voice=args.next_voice,
+            mute=args.mute or (),
+            voice_sampling=args.voice_sampling or (),
+            structure=args.structure,
+            order=args.order or (),
+            score_voices=not args.no_voice_scores,
+        )
+    except SteerError as e:
+        raise UserError(str(e)) from None
+    model = args.model
+    if model is None and args.backend in ("llamacpp", "transformers"):
+        from .conversation import DEFAULT_MODEL
+
+        model = DEFAULT_MODEL
+    return ChatSettings(
+        backend=args.backend,
+        model=model,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop or ()),
+        alternatives=args.alternatives,
+        attention=args.attention,
+        voice_prompt=not args.no_voice_prompt,
+        system=args.system or "",
+        steer=plan,
+    )
+
+
+def make_backend(args: argparse.Namespace, settings: Any = None) -> Any:
+    """Create the backend named by ``--backend`` with its options, or raise UserError."""
+    from .backends import BackendError, create_backend
+    from .conversation import backend_options
+
+    settings = settings or chat_settings(args, resolve_voices(getattr(args, "voices", None)))
+    try:
+        opts = backend_options(settings)
+        if args.backend == "replay":
+            opts["rate"] = args.rate
+        return create_backend(args.backend, **opts)
     except BackendError as e:
         raise UserError(str(e)) from None
     except TraceError as e:
         raise UserError(str(e)) from None
 
 
-def build_messages(
-    vs: VoiceSet, system: str | None, voice_prompt: bool, history: Sequence[tuple[str, str]]
-) -> tuple[Any, ...]:
-    """System message (voice prompt + user's system text) followed by the history."""
-    from .backends import Message
-    from .prompting import voice_system_prompt
-
-    parts = []
-    if voice_prompt:
-        vp = voice_system_prompt(vs)
-        if vp:
-            parts.append(vp)
-    if system:
-        parts.append(system)
-    msgs = [Message("system", "\n\n".join(parts))] if parts else []
-    msgs += [Message(r, c) for r, c in history]
-    return tuple(msgs)
-
-
-def _request(args: argparse.Namespace, messages: tuple[Any, ...]) -> Any:
-    from .backends import GenerationRequest, Sampling
-
-    return GenerationRequest(
-        messages=messages,
-        sampling=Sampling(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            max_tokens=args.max_tokens,
-            stop=tuple(args.stop or ()),
-        ),
-        alternatives=args.alternatives,
-        attention=args.attention,
-    )
-
-
 def _run_generation(
-    args: argparse.Namespace, backend: Any, vs: VoiceSet, messages: tuple[Any, ...]
+    args: argparse.Namespace,
+    backend: Any,
+    vs: VoiceSet,
+    settings: Any,
+    history: Sequence[tuple[str, str]],
 ) -> Any:
     from rich.console import Console
 
+    from .conversation import build_request
     from .generate import Generation
     from .render.terminal import LiveRenderer
 
@@ -279,10 +273,11 @@ def _run_generation(
     live = LiveRenderer(console, vs)
     gen = Generation(
         backend,
-        _request(args, messages),
+        build_request(settings, vs, history),
         vs,
         starts_in=args.starts_in,
         trace_path=args.trace,
+        steer=settings.steer,
     )
     finish = None
     it = iter(gen)
@@ -311,10 +306,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     vs = resolve_voices(args.voices)
     if args.prompt is None:
         raise UserError("generate: give --prompt TEXT")
-    backend = make_backend(args)
+    if not args.prompt.strip():
+        raise UserError("generate: --prompt is empty (write what the model should answer)")
+    settings = chat_settings(args, vs)
+    backend = make_backend(args, settings)
     try:
-        msgs = build_messages(vs, args.system, not args.no_voice_prompt, [("user", args.prompt)])
-        gen = _run_generation(args, backend, vs, msgs)
+        gen = _run_generation(args, backend, vs, settings, [("user", args.prompt)])
     finally:
         backend.close()
     fin = gen.trace.finish or {}
@@ -326,7 +323,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive terminal chat; Ctrl-C stops a reply, Ctrl-D (or /quit) leaves."""
     vs = resolve_voices(args.voices)
-    backend = make_backend(args)
+    settings = chat_settings(args, vs)
+    backend = make_backend(args, settings)
     history: list[tuple[str, str]] = []
     trace_base = args.trace
     turn = 0
@@ -346,8 +344,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if trace_base:
                 stem = Path(trace_base)
                 args.trace = str(stem.with_name(f"{stem.stem}.{turn}{stem.suffix or '.jsonl'}"))
-            msgs = build_messages(vs, args.system, not args.no_voice_prompt, history)
-            gen = _run_generation(args, backend, vs, msgs)
+            gen = _run_generation(args, backend, vs, settings, history)
             history.append(("assistant", gen.trace.text))
     finally:
         backend.close()
@@ -421,19 +418,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(
             f"serve needs the ui extra: pip install 'thoughtform[ui]' ({e.name})"
         ) from None
-    auth = None
-    if args.auth:
-        user, sep, pw = args.auth.partition(":")
-        if not sep or not user or not pw:
-            raise UserError("--auth must be USER:PASS")
-        auth = (user, pw)
-    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
-    if not loopback and auth is None and not args.insecure:
-        raise UserError(
-            f"--host {args.host} is not loopback: give --auth USER:PASS (or --insecure)"
-        )
-    if not loopback and auth is None:
-        print(f"WARNING: serving on {args.host} without authentication", file=sys.stderr)
+    from .ui.config import ConfigError, auth_file_warning, check_exposure, resolve_auth
+
+    try:
+        auth = resolve_auth(args.auth, args.auth_file)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if args.auth_file and (warn := auth_file_warning(args.auth_file)):
+        print(warn, file=sys.stderr)
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     resolve_voices(args.voices)
     model = args.model
     if args.backend == "llamacpp" and model is None and args.replay is None:
@@ -456,7 +450,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         voice_prompt=not args.no_voice_prompt,
         replay_rate=args.rate,
+        max_tokens=args.max_tokens,
     )
+    try:
+        check_exposure(cfg)  # refused before anything is opened (serve prints the warning)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
     serve(cfg)
     return 0
 
@@ -515,25 +514,100 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _gen_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--backend", default="llamacpp", help="llamacpp | openai | transformers | replay"
+        "--backend",
+        default="llamacpp",
+        help="llamacpp | openai | transformers | replay, or an installed plugin (default: llamacpp)",
     )
-    p.add_argument("--model", help="GGUF path, HF dir, server model name, or replay file")
-    p.add_argument("--base-url", help="OpenAI-compatible server URL (env THOUGHTFORM_BASE_URL)")
-    p.add_argument("--api-key", help="API key (env THOUGHTFORM_API_KEY)")
-    p.add_argument("--system", help="extra system prompt text")
-    p.add_argument("--voices", default="seed", help="preset (seed|think|plain) or YAML path")
-    p.add_argument("--no-voice-prompt", action="store_true", help="do not prompt for voices")
-    p.add_argument("--starts-in", help="voice the output starts inside (e.g. think)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--alternatives", type=int, default=5, help="top-k alternatives to record")
-    p.add_argument("--attention", action="store_true", help="capture attention (transformers)")
-    p.add_argument("--trace", help="write the trace JSONL here")
-    p.add_argument("--rate", type=float, default=0.0, help="replay: tokens/s (0 = unthrottled)")
+    p.add_argument(
+        "--model",
+        help="embedded | embedded-voices (the embedded model with the shipped voices adapter;"
+        " the default on llamacpp and transformers) | a .gguf path | a local HF directory |"
+        " the server's model name (openai) | the recording (replay)",
+    )
+    p.add_argument(
+        "--base-url", help="OpenAI-compatible server URL (default: env THOUGHTFORM_BASE_URL)"
+    )
+    p.add_argument("--api-key", help="API key (default: env THOUGHTFORM_API_KEY)")
+    p.add_argument("--system", help="extra system prompt text (default: none)")
+    p.add_argument(
+        "--voices",
+        default="seed",
+        help="voice set: seed | think | plain | a YAML path (default: seed)",
+    )
+    p.add_argument(
+        "--no-voice-prompt",
+        action="store_true",
+        help="do not describe the voices in a system prompt (default: described, except to"
+        " embedded-voices, which was trained without it)",
+    )
+    p.add_argument("--starts-in", help="voice the output starts inside, e.g. think (default: none)")
+    p.add_argument(
+        "--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="sampling temperature, 0 = greedy (default: 0.7)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)"
+    )
+    p.add_argument("--top-k", type=int, default=0, help="top-k truncation, 0 = off (default: 0)")
+    p.add_argument("--seed", type=int, help="seed for a repeatable reply (default: random)")
+    p.add_argument("--stop", action="append", help="stop string, repeatable (default: none)")
+    p.add_argument(
+        "--alternatives",
+        type=int,
+        default=5,
+        help="top alternatives recorded per token (default: 5)",
+    )
+    p.add_argument(
+        "--attention",
+        action="store_true",
+        help="capture attention (transformers backend; default: off)",
+    )
+    p.add_argument("--trace", help="write the trace JSONL here (default: none)")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="replay: tokens/s, 0 = unthrottled (default: 0)"
+    )
+    g = p.add_argument_group("steering")
+    g.add_argument(
+        "--next-voice",
+        metavar="NAME",
+        help="the voice that opens the reply (forced marker; default: the model chooses)",
+    )
+    g.add_argument(
+        "--mute",
+        action="append",
+        metavar="NAME",
+        help="a voice whose marker can never be generated, repeatable (default: none)",
+    )
+    g.add_argument(
+        "--voice-sampling",
+        action="append",
+        metavar="NAME=T[,P]",
+        help="temperature (and top-p) while that voice speaks, repeatable; overrides the voice"
+        " set (default: the voice set's, else --temperature/--top-p)",
+    )
+    g.add_argument(
+        "--structure",
+        action="store_true",
+        help="a reply that always parses: 2..N declared voice blocks, no voice twice in a row,"
+        " nothing outside voices, blocks bounded in length (default: off)",
+    )
+    g.add_argument(
+        "--order",
+        action="append",
+        metavar="RULE",
+        help="with --structure: first=NAME, never-first=NAME, max-per-voice=N, min-blocks=N,"
+        " max-blocks=N, block-tokens=N; repeatable (default: none)",
+    )
+    g.add_argument(
+        "--no-voice-scores",
+        action="store_true",
+        help="do not score who speaks next at each voice boundary (default: scored)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -579,19 +653,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also load transformers for its capabilities")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("serve", help="start the web workbench")
-    p.add_argument("--backend", default="llamacpp")
-    p.add_argument("--model")
-    p.add_argument("--base-url")
-    p.add_argument("--replay", help="replay this trace/transcript instead of a model")
-    p.add_argument("--rate", type=float, default=0.0)
-    p.add_argument("--voices", default="seed")
-    p.add_argument("--no-voice-prompt", action="store_true")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--db", help="SQLite sessions file")
-    p.add_argument("--auth", help="USER:PASS")
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback host without auth")
+    p = sub.add_parser(
+        "serve",
+        help="start the web workbench",
+        description="Start the web workbench. On a loopback host it answers only requests that "
+        "name it (Host) and come from its own page (Origin).",
+    )
+    p.add_argument(
+        "--backend",
+        default="llamacpp",
+        help="llamacpp | openai | transformers | replay (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        help="GGUF path, embedded or embedded-voices, HF dir, or server model name "
+        "(default: embedded-voices with llamacpp)",
+    )
+    p.add_argument(
+        "--base-url", help="OpenAI-compatible server URL, for --backend openai (default: none)"
+    )
+    p.add_argument(
+        "--replay",
+        help="replay this trace/transcript (or a directory of them) instead of a model; "
+        "a recording always plays whole, whatever Max tokens says (default: none)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="replay tokens/s, 0 = unthrottled (default: 0)"
+    )
+    p.add_argument(
+        "--voices", default="seed", help="voice preset or YAML path (default: %(default)s)"
+    )
+    p.add_argument(
+        "--no-voice-prompt",
+        action="store_true",
+        help="do not ask the model for voices in a system prompt (default: ask)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="Max tokens a new session starts with (default: %(default)s)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument(
+        "--db", help="SQLite sessions file (default: sessions.sqlite3 in the user data dir)"
+    )
+    p.add_argument(
+        "--auth",
+        metavar="USER:PASS",
+        help="require this login (each user sees only their own sessions). A password on the "
+        "command line shows in `ps` to every local user: prefer $THOUGHTFORM_AUTH=USER:PASS "
+        "or --auth-file (default: no login, or $THOUGHTFORM_AUTH when set)",
+    )
+    p.add_argument(
+        "--auth-file",
+        metavar="PATH",
+        help="file of USER:PASS lines, one per user; # comments (default: none)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback host without a login (default: refused)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks (parse, backend, ui)")

@@ -86,7 +86,7 @@ def resolve_llama_model(
             try:
                 from .adapters.merged import merged_voices_model
             except ImportError:
-                merged_voices_model = None  # type: ignore[assignment]
+                merged_voices_model = None
             if merged_voices_model is not None:
                 path = merged_voices_model()
                 if path is not None:

@@ -125,13 +125,12 @@ class SteerPlan:
             vsamp[str(k)] = (None if t is None else float(t), None if p is None else float(p))
         structure = None
         if isinstance(st, Mapping):
-            structure = Structure(
-                **{
-                    k: (tuple(v) if k == "never_first" else v)
-                    for k, v in st.items()
-                    if k in Structure.__dataclass_fields__
-                }
-            )
+            fields: dict[str, Any] = {
+                k: (tuple(v) if k == "never_first" else v)
+                for k, v in st.items()
+                if k in Structure.__dataclass_fields__
+            }
+            structure = Structure(**fields)
         elif st:
             structure = Structure()
         return cls(
@@ -217,7 +216,8 @@ def parse_order(specs: Iterable[str], base: Structure | None = None) -> Structur
                     raise SteerError(f"order rule {item!r}: a whole number expected") from None
                 if n < (1 if key == "min-blocks" else 0):
                     raise SteerError(f"order rule {item!r}: out of range")
-                st = replace(st, **{key.replace("-", "_"): n})
+                changes: dict[str, Any] = {key.replace("-", "_"): n}
+                st = replace(st, **changes)
             else:
                 raise SteerError(
                     f"order rule {item!r}: unknown rule (first, never-first, max-per-voice,"
@@ -843,7 +843,7 @@ class Conductor:
                 ),
             )
             return np.concatenate([base, after])
-        return base  # type: ignore[no-any-return]
+        return np.asarray(base)
 
 
 def _empty() -> np.ndarray:

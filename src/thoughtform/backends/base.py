@@ -211,9 +211,9 @@ class TokenEmitter:
         text = self.dec.decode(raw)
         self.pending.append(dataclasses.replace(ev, text=text))
         if not self.stops and not self.dec.getstate()[0]:
-            out = self.pending
+            ready = self.pending
             self.pending = []
-            return out
+            return ready
         ptext = "".join(p.text for p in self.pending)
         hit = min((k for k in (ptext.find(s) for s in self.stops) if k >= 0), default=-1)
         if hit >= 0:

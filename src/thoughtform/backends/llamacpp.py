@@ -83,7 +83,7 @@ class _Grammar:
 
     def allows(self, tok: int, logit: float) -> bool:
         """Whether the grammar accepts ``tok`` next."""
-        self._one[0].id = tok
+        self._one[0].id = tok  # type: ignore[assignment]
         self._one[0].logit = logit
         self._one[0].p = 0.0
         self._arr1.size = 1
@@ -185,7 +185,7 @@ class LlamaCppBackend:
             self._llm.close()
             raise BackendError(f"{path}: cannot create a llama.cpp context (n_ctx {n_ctx})")
         if self._llm._lora_adapter is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._llm._lora_adapter)
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._llm._lora_adapter)  # type: ignore[misc]
             scales = (ctypes.c_float * 1)(1.0)
             if llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales):
                 self.close()
@@ -388,7 +388,7 @@ class LlamaCppBackend:
         if not spec:
             self._c.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, 0, 0)
             return
-        from ..vectors import cvec_buffer, vectors_for
+        from ..vectors import cvec_buffer, vectors_for  # type: ignore[attr-defined]
 
         loaded = vectors_for(conductor.plan, [v for v, _ in spec], conductor.voices)
         pairs = [(loaded[v], s) for v, s in spec if v in loaded]
