@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import ServeConfig
+from .config import ConfigError, ServeConfig, resolve_auth
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,13 +20,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--db")
     p.add_argument("--no-voice-prompt", action="store_true")
-    p.add_argument("--auth", help="USER:PASS")
+    p.add_argument("--max-tokens", type=int, default=256, help="Max tokens of new sessions")
+    p.add_argument("--auth", help="USER:PASS (shows in ps: prefer $THOUGHTFORM_AUTH)")
+    p.add_argument("--auth-file", help="file of USER:PASS lines")
     p.add_argument("--insecure", action="store_true")
     a = p.parse_args(argv)
-    auth = None
-    if a.auth:
-        user, _, pw = a.auth.partition(":")
-        auth = (user, pw)
+    try:
+        auth = resolve_auth(a.auth, a.auth_file)
+    except ConfigError as e:
+        p.error(str(e))
     from .app import serve
 
     serve(
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             replay_rate=a.rate,
             auth=auth,
             insecure=a.insecure,
+            max_tokens=a.max_tokens,
         )
     )
 

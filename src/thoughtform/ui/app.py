@@ -22,9 +22,16 @@ from typing import Any
 import gradio as gr
 
 from ..voices import PRESETS, VoiceSet, VoiceSetError, voice_set_from_dict
-from .config import ConfigError, ServeConfig, check_exposure, is_loopback
+from .config import (
+    ConfigError,
+    ServeConfig,
+    allowed_hosts,
+    auth_users,
+    check_exposure,
+    is_loopback,
+)
 from .export import ImportError_, import_file, reply_trace, safe_filename, session_markdown
-from .service import BACKENDS, Tab, Workbench, WorkbenchError
+from .service import BACKENDS, MAX_WAITING_SENDS, Tab, Workbench, WorkbenchError
 from .store import StoreError, valid_session_id
 
 __all__ = ["ServeConfig", "build_app", "serve"]
@@ -68,6 +75,28 @@ def plain(msg: object, limit: int = 500) -> str:
 
 def _error(e: Exception) -> Exception:
     return gr.Error(plain(e), print_exception=False)
+
+
+def request_user(request: Any) -> str | None:
+    """The logged-in user of a request (None without a login): ``gr.Request.username`` in event
+    handlers; in ``gr.HTML`` server functions Gradio passes the raw Starlette request, whose
+    login cookie maps to the user the way Gradio's own ``/token`` route reads it."""
+    if request is None:
+        return None
+    if isinstance(request, gr.Request):
+        user = request.username
+        return user if isinstance(user, str) and user else None
+    app = getattr(request, "app", None)
+    cookie_id = getattr(app, "cookie_id", None)
+    tokens = getattr(app, "tokens", None)
+    if cookie_id is None or not isinstance(tokens, dict):
+        return None
+    cookies = getattr(request, "cookies", None) or {}
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(
+        f"access-token-unsecure-{cookie_id}"
+    )
+    user = tokens.get(token) if token else None
+    return user if isinstance(user, str) and user else None
 
 
 def _voice_rows(vs: VoiceSet) -> list[list[str]]:
@@ -136,20 +165,20 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
     """The workbench page as a ``gr.Blocks`` (call ``.queue().launch()`` or use :func:`serve`)."""
     wb = workbench or Workbench(config)
 
-    def tf_events(args: list[Any]) -> list[Any]:
-        """Events a browser missed: [run_id, from, to]."""
+    def tf_events(args: list[Any], request: gr.Request) -> list[Any]:
+        """Events a browser missed: [run_id, from, to] (only of the user's own runs)."""
         try:
             run_id, a, b = args
-            return wb.run_events(str(run_id), int(a), int(b))
-        except (TypeError, ValueError):
+            return wb.run_events(str(run_id), int(a), int(b), user=request_user(request))
+        except (TypeError, ValueError, WorkbenchError):
             return []
 
-    def tf_attention(args: list[Any]) -> dict[str, Any] | None:
-        """Attention of one token: [session_id, global_index]."""
+    def tf_attention(args: list[Any], request: gr.Request) -> dict[str, Any] | None:
+        """Attention of one token: [session_id, global_index] (only in the user's sessions)."""
         try:
             sid, i = args
-            return wb.attention(str(sid), int(i))
-        except (TypeError, ValueError):
+            return wb.attention(str(sid), int(i), user=request_user(request))
+        except (TypeError, ValueError, WorkbenchError):
             return None
 
     head = f"<style>{asset('workbench.css')}</style>" + "".join(
@@ -340,15 +369,18 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         def settings_values(s: dict[str, Any]) -> list[Any]:
             return [s.get(k) for k in SETTING_KEYS]
 
-        def session_view(sid: str | None) -> list[Any]:
-            """Everything that changes when a tab shows another session."""
-            pl, tab = wb.reset_payload(sid)
-            info = wb.store.get_session(tab.sid or "")
+        def session_view(sid: str | None, user: str | None) -> list[Any]:
+            """Everything that changes when a tab shows another session (one of the user's)."""
+            try:
+                pl, tab = wb.reset_payload(sid, user)
+            except WorkbenchError as e:
+                raise _error(e) from None
+            info = wb.session_info(tab.sid, user)
             vs = wb.voices_of(info)
             return [
                 pl,
                 tab.to_dict(),
-                gr.update(choices=wb.session_choices(), value=tab.sid),
+                gr.update(choices=wb.session_choices(user), value=tab.sid),
                 info.title if info else "",
                 _voice_rows(vs),
                 vs.to_yaml(),
@@ -371,114 +403,133 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 sid = request.query_params.get("session")
             except AttributeError:
                 pass
-            return session_view(sid if valid_session_id(sid) else None)
+            return session_view(sid if valid_session_id(sid) else None, request_user(request))
 
-        def on_switch(sid: str | None) -> list[Any]:
-            return session_view(sid)
+        def on_switch(sid: str | None, request: gr.Request) -> list[Any]:
+            return session_view(sid, request_user(request))
 
-        def on_new() -> list[Any]:
-            return session_view(wb.new_session().id)
+        def on_new(request: gr.Request) -> list[Any]:
+            user = request_user(request)
+            try:
+                return session_view(wb.new_session(user=user).id, user)
+            except WorkbenchError as e:
+                raise _error(e) from None
 
-        def on_rename(title: str, tab: dict[str, Any]) -> Any:
+        def on_rename(title: str, tab: dict[str, Any], request: gr.Request) -> Any:
             t = Tab.of(tab)
+            user = request_user(request)
             if t.sid:
                 try:
-                    wb.rename(t.sid, title)
+                    wb.rename(t.sid, title, user)
                 except (WorkbenchError, StoreError) as e:
                     raise _error(e) from None
-            return gr.update(choices=wb.session_choices(), value=t.sid)
+            return gr.update(choices=wb.session_choices(user), value=t.sid)
 
-        def on_delete(tab: dict[str, Any]) -> list[Any]:
+        def on_delete(tab: dict[str, Any], request: gr.Request) -> list[Any]:
             t = Tab.of(tab)
+            user = request_user(request)
             if t.sid:
-                wb.delete(t.sid)
-            return session_view(None)
+                wb.delete(t.sid, user)
+            return session_view(None, user)
 
-        def on_send(text: str, tab: dict[str, Any]) -> Iterator[tuple[Any, Any, Any]]:
+        def on_send(
+            text: str, tab: dict[str, Any], request: gr.Request
+        ) -> Iterator[tuple[Any, Any, Any]]:
             if not isinstance(text, str) or not text.strip():
                 yield gr.skip(), gr.skip(), gr.skip()
                 return
             first = True
+            last_tab: dict[str, Any] | None = None
             try:
-                for pl, new_tab in wb.send(Tab.of(tab), text):
-                    if first:
-                        yield pl, new_tab.to_dict(), ""
-                        first = False
-                    else:
-                        yield pl, gr.skip(), gr.skip()
+                for pl, new_tab in wb.send(Tab.of(tab), text, request_user(request)):
+                    # The tab changes once a reply that waited in the queue starts.
+                    t = new_tab.to_dict()
+                    yield pl, (t if t != last_tab else gr.skip()), ("" if first else gr.skip())
+                    first = False
+                    last_tab = t
             except (WorkbenchError, StoreError) as e:
                 raise _error(e) from None
 
-        def on_stop(tab: dict[str, Any]) -> None:
-            wb.stop(Tab.of(tab).sid)
+        def on_stop(tab: dict[str, Any], request: gr.Request) -> None:
+            wb.stop(Tab.of(tab).sid, request_user(request))
 
-        def refresh_sessions(tab: dict[str, Any]) -> Any:
-            return gr.update(choices=wb.session_choices(), value=Tab.of(tab).sid)
+        def refresh_sessions(tab: dict[str, Any], request: gr.Request) -> Any:
+            return gr.update(
+                choices=wb.session_choices(request_user(request)), value=Tab.of(tab).sid
+            )
 
-        def on_save_settings(tab: dict[str, Any], *values: Any) -> None:
+        # ``request`` first: Gradio inserts it at its position, and ``*values`` would swallow it.
+        def on_save_settings(request: gr.Request, tab: dict[str, Any], *values: Any) -> None:
             t = Tab.of(tab)
             if not t.sid:
                 return
             try:
-                wb.save_settings(t.sid, dict(zip(SETTING_KEYS, values, strict=True)))
+                wb.save_settings(
+                    t.sid, dict(zip(SETTING_KEYS, values, strict=True)), request_user(request)
+                )
             except (WorkbenchError, StoreError) as e:
                 raise _error(e) from None
             gr.Info("Settings saved for this session.")
 
-        def apply_voices(tab: dict[str, Any], vs: VoiceSet) -> list[Any]:
+        def apply_voices(tab: dict[str, Any], vs: VoiceSet, user: str | None) -> list[Any]:
             t = Tab.of(tab)
             if not t.sid:
                 raise _error(WorkbenchError("no session open"))
-            wb.set_voices(t.sid, vs)
-            pl, new_tab = wb.reset_payload(t.sid)
+            try:
+                wb.set_voices(t.sid, vs, user)
+            except (WorkbenchError, StoreError) as e:
+                raise _error(e) from None
+            pl, new_tab = wb.reset_payload(t.sid, user)
             return [pl, new_tab.to_dict(), _voice_rows(vs), vs.to_yaml()]
 
         voice_outputs = [board, tab_state, voices_table, voices_yaml]
 
-        def current_voices(tab: dict[str, Any]) -> VoiceSet:
-            t = Tab.of(tab)
-            return wb.voices_of(wb.store.get_session(t.sid) if t.sid else None)
+        def current_voices(tab: dict[str, Any], user: str | None) -> VoiceSet:
+            return wb.voices_of(wb.session_info(Tab.of(tab).sid, user))
 
-        def on_apply_table(tab: dict[str, Any], rows: Any) -> list[Any]:
+        def on_apply_table(tab: dict[str, Any], rows: Any, request: gr.Request) -> list[Any]:
+            user = request_user(request)
             try:
-                return apply_voices(tab, voices_from_rows(rows, current_voices(tab)))
+                return apply_voices(tab, voices_from_rows(rows, current_voices(tab, user)), user)
             except VoiceSetError as e:
                 raise _error(e) from None
 
-        def on_apply_yaml(tab: dict[str, Any], text: str) -> list[Any]:
+        def on_apply_yaml(tab: dict[str, Any], text: str, request: gr.Request) -> list[Any]:
             try:
-                return apply_voices(tab, voices_from_yaml(text))
+                return apply_voices(tab, voices_from_yaml(text), request_user(request))
             except VoiceSetError as e:
                 raise _error(e) from None
 
-        def on_preset(tab: dict[str, Any], name: str | None) -> list[Any]:
+        def on_preset(tab: dict[str, Any], name: str | None, request: gr.Request) -> list[Any]:
             if name is None or name not in PRESETS:
                 raise _error(WorkbenchError("pick a preset first"))
-            return apply_voices(tab, PRESETS[name])
+            return apply_voices(tab, PRESETS[name], request_user(request))
 
-        def on_load_yaml(tab: dict[str, Any], path: str | None) -> list[Any]:
+        def on_load_yaml(tab: dict[str, Any], path: str | None, request: gr.Request) -> list[Any]:
             if not path:
                 return [gr.skip()] * 4
             try:
                 text = Path(path).read_bytes()[:1_000_000].decode("utf-8-sig", errors="replace")
-                return apply_voices(tab, voices_from_yaml(text))
+                return apply_voices(tab, voices_from_yaml(text), request_user(request))
             except VoiceSetError as e:
                 raise _error(e) from None
 
-        def on_save_yaml(tab: dict[str, Any]) -> str:
-            vs = current_voices(tab)
-            out = wb.export_dir() / safe_filename(vs.name or "voices", ".yaml")
+        def on_save_yaml(tab: dict[str, Any], request: gr.Request) -> str:
+            vs = current_voices(tab, request_user(request))
+            out = wb.new_export_dir() / safe_filename(vs.name or "voices", ".yaml")
             out.write_text(vs.to_yaml(), encoding="utf-8")
             return str(out)
 
-        def on_export(tab: dict[str, Any], kind: str, which: float | None) -> str | None:
+        def on_export(
+            tab: dict[str, Any], kind: str, which: float | None, request: gr.Request
+        ) -> str | None:
             t = Tab.of(tab)
-            info = wb.store.get_session(t.sid or "")
+            info = wb.session_info(t.sid, request_user(request))
             if info is None:
                 raise _error(WorkbenchError("no session open"))
             vs = wb.voices_of(info)
             msgs = wb.store.messages(info.id)
-            d = wb.export_dir()
+            d = wb.new_export_dir()
             if kind == "Markdown":
                 out = d / safe_filename(info.title, ".md")
                 out.write_text(session_markdown(info, msgs, vs), encoding="utf-8")
@@ -501,16 +552,19 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             trace.save(out)
             return str(out)
 
-        def on_import(path: str | None) -> list[Any]:
+        def on_import(path: str | None, request: gr.Request) -> list[Any]:
             if not path:
                 return [gr.skip()] * len(view_outputs)
+            user = request_user(request)
             try:
+                wb.owner(user)  # a login is checked before anything is stored
                 sid, warnings = import_file(wb.store, path, wb.default_settings())
-            except (ImportError_, StoreError, OSError) as e:
+                wb.adopt(sid, user)
+            except (ImportError_, StoreError, OSError, WorkbenchError) as e:
                 raise _error(e) from None
             if warnings:
                 gr.Warning(plain(f"{len(warnings)} lines skipped; first: {warnings[0]}"))
-            return session_view(sid)
+            return session_view(sid, user)
 
         # -- dataset and compare tabs (logic in dataset_view / compare_view) -------------
 
@@ -573,7 +627,9 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             "outputs": [board, tab_state, prompt],
             "show_progress": "hidden",
             "concurrency_id": "generate",
-            "concurrency_limit": 1,
+            # Replies wait their turn in the workbench's fair queue (one model at a time,
+            # round-robin between users, each shown their place), not in Gradio's FIFO.
+            "concurrency_limit": MAX_WAITING_SENDS,
         }
         sent = prompt.submit(**send_args)
         sent.then(refresh_sessions, tab_state, session_dd, show_progress="hidden")
@@ -613,11 +669,23 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
 
 
 def launch_kwargs(config: ServeConfig) -> dict[str, Any]:
-    """How :func:`serve` launches Gradio: no share link, no extra files, auth when given."""
+    """How :func:`serve` launches Gradio: no share link, no extra files, auth when given, and
+    the Host/Origin guard in front of every route (``guard.py``)."""
+    from starlette.middleware import Middleware
+
+    from .guard import HostOriginGuard
+
+    users = auth_users(config)
     return {
         "server_name": config.host,
         "server_port": config.port,
-        "auth": config.auth,
+        "auth": users or None,
+        # FastAPI(middleware=...) wraps the whole app Gradio builds, its API included.
+        "app_kwargs": {
+            "middleware": [Middleware(HostOriginGuard, allowed_hosts=allowed_hosts(config))]
+        },
+        # Static-file worker processes would serve files outside the guard: none.
+        "num_workers": 0,
         "share": False,
         "allowed_paths": [],
         "ssr_mode": False,
@@ -642,7 +710,11 @@ def serve(config: ServeConfig) -> None:
     demo = build_app(config, wb)
     demo.queue(default_concurrency_limit=1, max_size=64)
     host = f"[{config.host}]" if ":" in config.host else config.host
-    print(f"thoughtform workbench on http://{host}:{config.port}/  (sessions: {wb.store.path})")
+    users = len(auth_users(config))
+    login = f", login: {users} user{'s' if users != 1 else ''}" if users else ""
+    print(
+        f"thoughtform workbench on http://{host}:{config.port}/  (sessions: {wb.store.path}{login})"
+    )
     sys.stdout.flush()
     try:
         demo.launch(**launch_kwargs(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 import time
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import Backend, BackendError, create_backend
-from ..backends.base import GenerationRequest, Message, Sampling
+from ..backends.base import GenerationRequest, Message
+from ..conversation import ChatSettings, backend_options, build_request, steer_plan
 from ..generate import Generation
 from ..voices import VoiceSet, VoiceSetError, resolve_voice_set, voice_set_from_dict
-from .config import ServeConfig, db_path
+from .config import ServeConfig, auth_users, db_path
+from .fairqueue import FairQueue
 from .store import SessionInfo, Store, StoredMessage, valid_session_id
 from .stream import Encoder, Run, payload
 
@@ -23,6 +26,10 @@ BACKENDS = ("llamacpp", "openai", "replay", "transformers")
 MAX_PROMPT_CHARS = 100_000
 MAX_RESET_MESSAGES = 400  # a reopened session shows at most this many recent messages
 YIELD_EVERY_S = 0.03  # how often a streaming reply pushes a payload (tokens are batched)
+# Sends that may wait in the fair queue at once (each holds a worker thread while it waits);
+# Gradio's own queue holds the rest.
+MAX_WAITING_SENDS = 16
+WAIT_BEAT_S = 2.0  # a waiting send re-yields this often, so a page that left is noticed
 
 
 class WorkbenchError(ValueError):
@@ -72,7 +79,29 @@ class Workbench:
         self._session_locks: dict[str, threading.Lock] = {}
         self.active: dict[str, Run] = {}  # session id -> its streaming run
         self.runs: OrderedDict[str, Run] = OrderedDict()  # recent runs, for gap fetches
+        self._run_owner: dict[str, str] = {}  # run id -> the user whose reply it is
+        self._waits: dict[str, threading.Event] = {}  # session id -> stop a waiting send
+        self.queue = FairQueue(slots=1)
+        # With a login, every session belongs to the user who made it and only they see it.
+        self.scoped = bool(auth_users(config))
         self._export_dir: Path | None = None
+
+    # -- users ---------------------------------------------------------------------------
+
+    def owner(self, user: str | None) -> str | None:
+        """The owner a user's lookups are limited to: None (everything is shared) without
+        auth, else the logged-in user (a missing one is refused)."""
+        if not self.scoped:
+            return None
+        if not isinstance(user, str) or not user:
+            raise WorkbenchError("log in first")
+        return user
+
+    def session_info(self, sid: str | None, user: str | None = None) -> SessionInfo | None:
+        """A session the user may see (None for a bad id, another user's or a missing one)."""
+        if not sid or not valid_session_id(sid):
+            return None
+        return self.store.get_session(sid, owner=self.owner(user))
 
     # -- settings ------------------------------------------------------------------------
 
@@ -88,11 +117,15 @@ class Workbench:
             "temperature": 0.7,
             "top_p": 0.95,
             "top_k": 0,
-            "max_tokens": 256,
+            "max_tokens": int(c.max_tokens),
             "seed": None,
             "alternatives": 5,
             "voice_prompt": bool(c.voice_prompt),
             "system": "",
+            # Steering (legend controls and the Structure switch); see thoughtform.steer.
+            "structure": False,
+            "muted": [],
+            "next_voice": None,
         }
 
     def settings_of(self, info: SessionInfo | None) -> dict[str, Any]:
@@ -114,18 +147,29 @@ class Workbench:
         s["temperature"] = _num(raw, "temperature", 0.7, 0.0, 5.0)
         s["top_p"] = _num(raw, "top_p", 0.95, 0.0, 1.0)
         s["top_k"] = int(_num(raw, "top_k", 0, 0, 1000))
-        s["max_tokens"] = int(_num(raw, "max_tokens", 256, 1, 32768))
+        s["max_tokens"] = int(_num(raw, "max_tokens", s["max_tokens"], 1, 32768))
         seed = raw.get("seed")
         s["seed"] = int(seed) if isinstance(seed, (int, float)) and seed == seed else None
         s["alternatives"] = int(_num(raw, "alternatives", 5, 0, 20))
         s["voice_prompt"] = bool(raw.get("voice_prompt", True))
         s["system"] = str(raw.get("system") or "")[:20_000]
+        s["structure"] = bool(raw.get("structure", False))
+        muted = raw.get("muted") or []
+        s["muted"] = (
+            [str(m)[:64] for m in muted if isinstance(m, str)][:64]
+            if isinstance(muted, list)
+            else []
+        )
+        nv = raw.get("next_voice")
+        s["next_voice"] = str(nv)[:64] if isinstance(nv, str) and nv else None
         return s
 
-    def save_settings(self, sid: str, raw: dict[str, Any]) -> dict[str, Any]:
+    def save_settings(
+        self, sid: str, raw: dict[str, Any], user: str | None = None
+    ) -> dict[str, Any]:
         """Validate and keep settings with the session."""
         s = self.clean_settings(raw)
-        self.store.update_session(sid, settings=s)
+        self.store.update_session(sid, settings=s, owner=self.owner(user))
         return s
 
     # -- voices --------------------------------------------------------------------------
@@ -139,49 +183,59 @@ class Workbench:
                 pass
         return self.default_voices
 
-    def set_voices(self, sid: str, voices: VoiceSet) -> None:
+    def set_voices(self, sid: str, voices: VoiceSet, user: str | None = None) -> None:
         """Keep a voice set with the session (the next reset re-parses its replies)."""
-        self.store.update_session(sid, voice_set=voices.to_dict())
+        self.store.update_session(sid, voice_set=voices.to_dict(), owner=self.owner(user))
         with self._elock:
             self._encoders.pop(sid, None)
 
     # -- sessions ------------------------------------------------------------------------
 
-    def new_session(self, title: str = "New session") -> SessionInfo:
-        """Create a session with the default voices and settings."""
-        sid = self.store.create_session(title=title, settings=self.default_settings())
+    def new_session(self, title: str = "New session", user: str | None = None) -> SessionInfo:
+        """Create a session (the user's, with a login) with the default voices and settings."""
+        sid = self.store.create_session(
+            title=title, settings=self.default_settings(), owner=self.owner(user) or ""
+        )
         info = self.store.get_session(sid)
         assert info is not None
         return info
 
-    def open_session(self, sid: str | None) -> SessionInfo:
-        """The session ``sid``, else the most recent one, else a new one."""
-        if sid and valid_session_id(sid):
-            info = self.store.get_session(sid)
-            if info is not None:
-                return info
-        sessions = self.store.list_sessions()
-        return sessions[0] if sessions else self.new_session()
+    def adopt(self, sid: str, user: str | None = None) -> None:
+        """Give a session made outside these methods (an import) to the user."""
+        owner = self.owner(user)
+        if owner is not None:
+            self.store.set_owner(sid, owner)
 
-    def session_choices(self) -> list[tuple[str, str]]:
-        """(label, id) pairs for the session picker, most recent first."""
+    def open_session(self, sid: str | None, user: str | None = None) -> SessionInfo:
+        """The session ``sid`` (if the user may see it), else their most recent one, else a
+        new one."""
+        info = self.session_info(sid, user)
+        if info is not None:
+            return info
+        sessions = self.store.list_sessions(owner=self.owner(user))
+        return sessions[0] if sessions else self.new_session(user=user)
+
+    def session_choices(self, user: str | None = None) -> list[tuple[str, str]]:
+        """(label, id) pairs for the user's session picker, most recent first."""
         out = []
-        for s in self.store.list_sessions():
+        for s in self.store.list_sessions(owner=self.owner(user)):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))
             out.append((f"{s.title} · {s.messages} msg · {when}", s.id))
         return out
 
-    def rename(self, sid: str, title: str) -> None:
+    def rename(self, sid: str, title: str, user: str | None = None) -> None:
         """Rename a session (1-200 characters)."""
         title = " ".join(str(title).split())[:200]
         if not title:
             raise WorkbenchError("a session needs a name")
-        self.store.update_session(sid, title=title)
+        self.store.update_session(sid, title=title, owner=self.owner(user))
 
-    def delete(self, sid: str) -> None:
-        """Delete a session (stopping its reply first)."""
-        self.stop(sid)
-        self.store.delete_session(sid)
+    def delete(self, sid: str, user: str | None = None) -> None:
+        """Delete a session (stopping its reply first); another user's is left alone."""
+        if self.session_info(sid, user) is None:
+            return
+        self.stop(sid, user)
+        self.store.delete_session(sid, owner=self.owner(user))
         with self._elock:
             self._encoders.pop(sid, None)
 
@@ -231,9 +285,9 @@ class Workbench:
             return "streaming" if live else "interrupted"
         return m.status
 
-    def reset_payload(self, sid: str | None) -> tuple[str, Tab]:
+    def reset_payload(self, sid: str | None, user: str | None = None) -> tuple[str, Tab]:
         """The full view of a session, and the tab state that goes with it."""
-        info = self.open_session(sid)
+        info = self.open_session(sid, user)
         _, evs, n = self._encode_session(info)
         return payload(info.id, evs, reset=True), Tab(info.id, n)
 
@@ -253,28 +307,17 @@ class Workbench:
     def backend_for(self, s: dict[str, Any]) -> Backend:
         """A backend for these settings (created once, then reused)."""
         name = s["backend"]
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any]
         if name == "replay":
             opts = {
                 "path": str(self.replay_path(s.get("model") or "")),
                 "rate": self.config.replay_rate,
             }
-        elif name == "llamacpp":
-            model = s.get("model") or None
-            if model in ("embedded",):
-                model = None
-            if model and model != "embedded-voices" and not str(model).lower().endswith(".gguf"):
-                raise WorkbenchError(
-                    "llamacpp needs a .gguf model path, embedded-voices, or empty for the"
-                    " embedded model"
-                )
-            opts = {"model": model}
-        elif name == "openai":
-            if not s.get("base_url"):
-                raise WorkbenchError("the openai backend needs a base URL")
-            opts = {"base_url": s["base_url"], "model": s.get("model") or None}
-        elif name == "transformers":
-            opts = {"model": s.get("model") or None}
+        else:
+            try:
+                opts = backend_options(self.chat_settings(s, self.default_voices))
+            except BackendError as e:
+                raise WorkbenchError(str(e)) from None
         key = (name, *sorted((k, str(v)) for k, v in opts.items()))
         with self._blocks:
             b = self._backends.get(key)
@@ -332,84 +375,138 @@ class Workbench:
 
     # -- chat ----------------------------------------------------------------------------
 
-    def _request(self, info: SessionInfo, vs: VoiceSet, s: dict[str, Any]) -> GenerationRequest:
-        msgs: list[Message] = []
-        system = ""
-        if s.get("voice_prompt"):
-            try:
-                from ..prompting import voice_system_prompt
+    def chat_settings(self, s: dict[str, Any], vs: VoiceSet) -> ChatSettings:
+        """The library's ChatSettings for a session's settings (steering plan included)."""
+        from ..steer import SteerError
 
-                system = voice_system_prompt(vs)
-            except ImportError:
-                system = ""
-        if s.get("system"):
-            system = (system + "\n\n" + s["system"]).strip()
-        history = [
-            Message(m.role, m.text)
-            for m in self.store.messages(info.id)
-            if m.role in ("user", "assistant") and m.text
-        ]
-        # Keep the most recent turns that fit a character budget (small models, small contexts).
-        budget = 12_000
-        kept: list[Message] = []
-        for m in reversed(history):
-            if kept and budget - len(m.content) < 0:
-                break
-            budget -= len(m.content)
-            kept.append(m)
-        kept.reverse()
-        if system:
-            msgs.append(Message("system", system))
-        msgs += kept
-        sampling = Sampling(
+        try:
+            plan = steer_plan(
+                vs,
+                next_voice=s.get("next_voice") or None,
+                mute=[m for m in s.get("muted") or () if vs.get(str(m)) is not None],
+                structure=bool(s.get("structure")),
+            )
+        except SteerError as e:
+            raise WorkbenchError(str(e)) from None
+        return ChatSettings(
+            backend=s["backend"],
+            model=s.get("model") or None,
+            base_url=s.get("base_url") or None,
             temperature=s["temperature"],
             top_p=s["top_p"],
             top_k=s["top_k"],
             seed=s["seed"],
             max_tokens=s["max_tokens"],
-        )
-        return GenerationRequest(
-            messages=tuple(msgs), sampling=sampling, alternatives=s["alternatives"]
+            alternatives=s["alternatives"],
+            attention=bool(s.get("attention")),
+            logit_lens=bool(s.get("logit_lens")),
+            voice_prompt=bool(s.get("voice_prompt")),
+            system=s.get("system") or "",
+            steer=plan,
         )
 
-    def send(self, tab: Tab, text: str) -> Iterator[tuple[str, Tab]]:
-        """Add the user's message and stream the reply as payloads (closing it stops the reply)."""
+    def _request(self, info: SessionInfo, vs: VoiceSet, s: dict[str, Any]) -> GenerationRequest:
+        history = [
+            Message(m.role, m.text)
+            for m in self.store.messages(info.id)
+            if m.role in ("user", "assistant") and m.text
+        ]
+        return build_request(self.chat_settings(s, vs), vs, history)
+
+    def _waiting_payload(self, info: SessionInfo, text: str, ahead: int) -> tuple[str, int]:
+        """The session, the prompt that waits (not stored yet) and a line with its place in
+        the model's queue; and how many stored messages the view has."""
+        enc, evs, n = self._encode_session(info)
+        stats = evs.pop()
+        # Negative ids: these two messages are not in the database.
+        evs += enc.text_message(-1, "user", "done", text)
+        evs.append(["M", -2, "queue", "waiting", enc.tok_base])
+        evs.append(["T", f"waiting: {ahead} ahead", None])
+        evs.append(stats)
+        return payload(info.id, evs, reset=True), n
+
+    def send(self, tab: Tab, text: str, user: str | None = None) -> Iterator[tuple[str, Tab]]:
+        """Add the user's message and stream the reply as payloads (closing it stops the reply).
+
+        The reply first waits its turn in the model's fair queue; while it waits, the payloads
+        show the prompt and a line "waiting: N ahead" (nothing is stored until it runs)."""
         if not isinstance(text, str) or not text.strip():
             return
         if len(text) > MAX_PROMPT_CHARS:
             raise WorkbenchError(f"message too long ({len(text)} > {MAX_PROMPT_CHARS} characters)")
-        info = self.open_session(tab.sid)
+        owner = self.owner(user)
+        info = self.open_session(tab.sid, user)
         lock = self._lock_for(info.id)
         if not lock.acquire(timeout=30):
             raise WorkbenchError("this session is busy with another reply")
         run: Run | None = None
+        ticket: int | None = None
         try:
             s = self.settings_of(info)
+            backend = self.backend_for(s)  # bad settings fail before the reply queues
+            ticket = self.queue.join(owner or "")
+            ahead = self.queue.wait(ticket, None, 0)
+            waited = ahead is not None
+            if ahead is not None:
+                stop = self._waits[info.id] = threading.Event()
+                shown = self._waiting_payload(info, text, ahead)
+                last: int = ahead
+                beat = -WAIT_BEAT_S
+                while ahead is not None:
+                    if stop.is_set():
+                        pl, wait_tab = self.reset_payload(info.id, user)
+                        yield pl, wait_tab
+                        return
+                    if ahead != last:
+                        shown, last, beat = self._waiting_payload(info, text, ahead), ahead, -1e9
+                    if time.monotonic() - beat >= WAIT_BEAT_S:
+                        # Re-yielding now and then also lets Gradio notice a page that left.
+                        yield shown[0], Tab(info.id, shown[1])
+                        beat = time.monotonic()
+                    ahead = self.queue.wait(ticket, last, 0.5)
+                # The session may have changed while it waited (settings, voices, deleted).
+                fresh = self.session_info(info.id, user)
+                if fresh is None:
+                    raise WorkbenchError("this session was deleted while the reply waited")
+                info = fresh
+                s = self.settings_of(info)
+                backend = self.backend_for(s)
             vs = self.voices_of(info)
-            backend = self.backend_for(s)
             enc, reset_evs, n = self.encoder_for(info)
             prefix: list[list[Any]] = []
-            reset = reset_evs is not None or tab.sid != info.id or tab.known != n
+            reset = waited or reset_evs is not None or tab.sid != info.id or tab.known != n
             if reset:
                 if reset_evs is None:
                     enc, reset_evs, n = self._encode_session(info)
                 prefix = list(reset_evs)
                 prefix.pop()  # stats come again at the end of the reply
-            user = self.store.add_message(info.id, "user", text)
-            prefix += enc.text_message(user.id, "user", "done", text)
+            umsg = self.store.add_message(info.id, "user", text)
+            prefix += enc.text_message(umsg.id, "user", "done", text)
             request = self._request(info, vs, s)
+            if s["backend"] == "replay":
+                # A recording plays whole: Max tokens limits what a model generates, not what
+                # was recorded (0 = no limit for the replay backend).
+                request = dataclasses.replace(
+                    request, sampling=dataclasses.replace(request.sampling, max_tokens=0)
+                )
             meta = {"backend": s["backend"], "model": s.get("model") or None}
             reply = self.store.add_message(
                 info.id, "assistant", None, status="streaming", meta=meta
             )
             prefix.append(enc.message_event(reply.id, "assistant", "streaming"))
-            gen = Generation(backend, request, vs, meta={"session": info.id})
+            plan = self.chat_settings(s, vs).steer
+            if s.get("next_voice"):
+                # "next" applies to one reply: the following ones let the model choose again.
+                self.store.update_session(info.id, settings={**s, "next_voice": None})
+            gen = Generation(backend, request, vs, meta={"session": info.id}, steer=plan)
             run_id = secrets.token_urlsafe(6)
             run = Run(run_id, gen, enc, self.store, reply.id, prefix)
             self.active[info.id] = run
             self.runs[run_id] = run
+            self._run_owner[run_id] = owner or ""
             while len(self.runs) > 16:
-                self.runs.popitem(last=False)
+                old, _ = self.runs.popitem(last=False)
+                self._run_owner.pop(old, None)
             run.start()
             new_tab = Tab(info.id, n + 2)
             sent = 0
@@ -431,6 +528,7 @@ class Workbench:
                 if evs:
                     time.sleep(YIELD_EVERY_S)  # let tokens pile up: one payload per batch
         finally:
+            self._waits.pop(info.id, None)
             if run is not None:
                 if not run.done:
                     run.cancel.set()  # the page went away (or the generator was closed)
@@ -444,28 +542,88 @@ class Workbench:
                         got = self._encoders.get(info.id)
                         if got is not None and got[0] is run.encoder:
                             self._encoders[info.id] = (got[0], got[1] + 2, got[2])
+            if ticket is not None:
+                self.queue.leave(ticket)  # the next user's reply may start
             lock.release()
 
-    def stop(self, sid: str | None) -> bool:
-        """Stop the session's streaming reply now; True when one was running."""
+    # -- steering ----------------------------------------------------------------------
+
+    def _steer_session(self, sid: str, user: str | None) -> tuple[SessionInfo, VoiceSet]:
+        info = self.session_info(sid, user)
+        if info is None:
+            raise WorkbenchError("no such session")
+        return info, self.voices_of(info)
+
+    def set_next_voice(self, sid: str, voice: str | None, user: str | None = None) -> str | None:
+        """Make ``voice`` open the next block of the streaming reply, or the next reply;
+        returns the voice's declared name (None clears)."""
+        info, vs = self._steer_session(sid, user)
+        name = None
+        if voice:
+            v = vs.get(voice)
+            if v is None:
+                raise WorkbenchError(f"unknown voice {voice[:80]!r}")
+            name = v.name
+        run = self.active.get(info.id)
+        conductor = run.gen.conductor if run is not None and not run.done else None
+        if conductor is not None and name is not None:
+            conductor.set_next_voice(name)
+            return name
+        s = self.settings_of(info)
+        s["next_voice"] = name
+        self.store.update_session(info.id, settings=s, owner=self.owner(user))
+        return name
+
+    def toggle_mute(self, sid: str, voice: str, user: str | None = None) -> bool:
+        """Mute or unmute a voice for this session (and the reply streaming now); returns
+        whether it is muted afterwards."""
+        info, vs = self._steer_session(sid, user)
+        v = vs.get(voice)
+        if v is None:
+            raise WorkbenchError(f"unknown voice {voice[:80]!r}")
+        s = self.settings_of(info)
+        muted = [m for m in s.get("muted") or [] if m != v.name]
+        now = v.name not in (s.get("muted") or [])
+        if now:
+            muted.append(v.name)
+        s["muted"] = muted
+        if now and s.get("next_voice") == v.name:
+            s["next_voice"] = None
+        self.store.update_session(info.id, settings=s, owner=self.owner(user))
+        run = self.active.get(info.id)
+        if run is not None and not run.done and run.gen.conductor is not None:
+            run.gen.conductor.set_muted(v.name, now)
+        return now
+
+    def stop(self, sid: str | None, user: str | None = None) -> bool:
+        """Stop the session's streaming (or waiting) reply now; True when there was one."""
+        if self.session_info(sid, user) is None:
+            return False
+        waiting = self._waits.get(sid or "")
+        if waiting is not None:
+            waiting.set()
+            return True
         run = self.active.get(sid or "")
         if run is None or run.done:
             return False
         run.cancel.set()
         return True
 
-    def run_events(self, run_id: str, a: int, b: int) -> list[list[Any]]:
-        """Events ``a``..``b`` of a recent run (for a browser that missed a payload)."""
+    def run_events(self, run_id: str, a: int, b: int, user: str | None = None) -> list[list[Any]]:
+        """Events ``a``..``b`` of a recent run of this user's (for a browser that missed a
+        payload)."""
+        owner = self.owner(user)
         run = self.runs.get(str(run_id))
-        if run is None:
+        if run is None or (owner is not None and self._run_owner.get(str(run_id)) != owner):
             return []
         return run.events_between(int(a), int(b))
 
     # -- attention -----------------------------------------------------------------------
 
-    def attention(self, sid: str, index: int) -> dict[str, Any] | None:
-        """Where global token ``index`` attended, per layer, labelled for display."""
-        info = self.store.get_session(sid) if valid_session_id(sid) else None
+    def attention(self, sid: str, index: int, user: str | None = None) -> dict[str, Any] | None:
+        """Where global token ``index`` attended, per layer, labelled for display (only in a
+        session the user may see)."""
+        info = self.session_info(sid, user)
         if info is None:
             return None
         vs = self.voices_of(info)
@@ -524,3 +682,10 @@ class Workbench:
         if self._export_dir is None or not self._export_dir.is_dir():
             self._export_dir = Path(tempfile.mkdtemp(prefix="thoughtform-exports-"))
         return self._export_dir
+
+    def new_export_dir(self) -> Path:
+        """A fresh directory inside :meth:`export_dir` for one export: two users exporting
+        sessions with the same title at once never get each other's file."""
+        import tempfile
+
+        return Path(tempfile.mkdtemp(dir=self.export_dir()))

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..trace import TokenRecord
 
-SCHEMA_VERSION = 1
+# 1: sessions, messages, tokens. 2: sessions.owner (the user a session belongs to; '' = shared).
+SCHEMA_VERSION = 2
 _SID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _DDL = """
@@ -26,7 +27,8 @@ CREATE TABLE IF NOT EXISTS sessions(
   created REAL NOT NULL,
   updated REAL NOT NULL,
   voice_set TEXT,
-  settings TEXT NOT NULL DEFAULT '{}'
+  settings TEXT NOT NULL DEFAULT '{}',
+  owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS messages(
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,6 +71,7 @@ class SessionInfo:
     voice_set: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     messages: int = 0
+    owner: str = ""  # the logged-in user it belongs to ('' without auth: shared by every tab)
 
 
 @dataclass
@@ -128,9 +131,20 @@ class Store:
         # executescript commits on its own, so the DDL runs outside our transaction helper.
         try:
             con.executescript(_DDL)
+            self._migrate(con)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: not a thoughtform sessions database: {e}") from None
-        con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate(self, con: sqlite3.Connection) -> None:
+        """Bring a database written by an older version up to this schema (in place)."""
+        with self._tx(con):
+            cols = {r[1] for r in con.execute("PRAGMA table_info(sessions)")}
+            if "owner" not in cols:  # version 1: every session was shared
+                con.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+            con.execute("CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, updated)")
+            (version,) = con.execute("PRAGMA user_version").fetchone()
+            if int(version) < SCHEMA_VERSION:
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # -- connections ---------------------------------------------------------------------
 
@@ -185,13 +199,15 @@ class Store:
         title: str = "New session",
         voice_set: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
+        owner: str = "",
     ) -> str:
-        """Create an empty session and return its id."""
+        """Create an empty session (belonging to ``owner``) and return its id."""
         sid = secrets.token_urlsafe(9)
         now = time.time()
         with self._tx() as con:
             con.execute(
-                "INSERT INTO sessions(id,title,created,updated,voice_set,settings) VALUES(?,?,?,?,?,?)",
+                "INSERT INTO sessions(id,title,created,updated,voice_set,settings,owner) "
+                "VALUES(?,?,?,?,?,?,?)",
                 (
                     sid,
                     title,
@@ -199,9 +215,17 @@ class Store:
                     now,
                     _dumps(voice_set) if voice_set else None,
                     _dumps(settings or {}),
+                    owner,
                 ),
             )
         return sid
+
+    def set_owner(self, sid: str, owner: str) -> None:
+        """Give a session to ``owner`` (a session imported for a logged-in user)."""
+        with self._tx() as con:
+            cur = con.execute("UPDATE sessions SET owner=? WHERE id=?", (owner, sid))
+            if cur.rowcount == 0:
+                raise StoreError(f"no session {sid!r}")
 
     def _info(self, row: tuple[Any, ...]) -> SessionInfo:
         return SessionInfo(
@@ -211,32 +235,35 @@ class Store:
             updated=row[3],
             voice_set=_loads(row[4], None),
             settings=_loads(row[5], {}),
-            messages=row[6] if len(row) > 6 else 0,
+            owner=row[6],
+            messages=row[7],
         )
 
-    def list_sessions(self) -> list[SessionInfo]:
-        """All sessions, most recently used first."""
-        rows = self._conn().execute(
-            "SELECT s.id,s.title,s.created,s.updated,s.voice_set,s.settings,"
-            "(SELECT COUNT(*) FROM messages m WHERE m.session_id=s.id) "
-            "FROM sessions s ORDER BY s.updated DESC, s.created DESC"
-        )
+    _SELECT = (
+        "SELECT s.id,s.title,s.created,s.updated,s.voice_set,s.settings,s.owner,"
+        "(SELECT COUNT(*) FROM messages m WHERE m.session_id=s.id) FROM sessions s "
+    )
+
+    def list_sessions(self, owner: str | None = None) -> list[SessionInfo]:
+        """Sessions, most recently used first: all of them, or only ``owner``'s."""
+        order = "ORDER BY s.updated DESC, s.created DESC"
+        con = self._conn()
+        if owner is None:
+            rows = con.execute(self._SELECT + order)
+        else:
+            rows = con.execute(self._SELECT + "WHERE s.owner=? " + order, (owner,))
         return [self._info(r) for r in rows]
 
-    def get_session(self, sid: str) -> SessionInfo | None:
-        """One session, or None."""
+    def get_session(self, sid: str, owner: str | None = None) -> SessionInfo | None:
+        """One session (when ``owner`` is given, only if it is theirs), or None."""
         if not valid_session_id(sid):
             return None
-        row = (
-            self._conn()
-            .execute(
-                "SELECT s.id,s.title,s.created,s.updated,s.voice_set,s.settings,"
-                "(SELECT COUNT(*) FROM messages m WHERE m.session_id=s.id) "
-                "FROM sessions s WHERE s.id=?",
-                (sid,),
-            )
-            .fetchone()
-        )
+        con = self._conn()
+        if owner is None:
+            row = con.execute(self._SELECT + "WHERE s.id=?", (sid,)).fetchone()
+        else:
+            q = self._SELECT + "WHERE s.id=? AND s.owner=?"
+            row = con.execute(q, (sid, owner)).fetchone()
         return self._info(row) if row else None
 
     def update_session(
@@ -245,8 +272,10 @@ class Store:
         title: str | None = None,
         voice_set: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> None:
-        """Change a session's title, voice set or settings (and mark it used now)."""
+        """Change a session's title, voice set or settings (and mark it used now); with
+        ``owner``, only a session of theirs (another's raises like a missing one)."""
         sets = ["updated=?"]
         args: list[Any] = [time.time()]
         if title is not None:
@@ -258,15 +287,22 @@ class Store:
         if settings is not None:
             sets.append("settings=?")
             args.append(_dumps(settings))
+        where, wargs = ("id=?", [sid]) if owner is None else ("id=? AND owner=?", [sid, owner])
         with self._tx() as con:
-            cur = con.execute(f"UPDATE sessions SET {','.join(sets)} WHERE id=?", (*args, sid))
+            cur = con.execute(
+                f"UPDATE sessions SET {','.join(sets)} WHERE {where}", (*args, *wargs)
+            )
             if cur.rowcount == 0:
                 raise StoreError(f"no session {sid!r}")
 
-    def delete_session(self, sid: str) -> bool:
-        """Delete a session with its messages and tokens; False when it did not exist."""
+    def delete_session(self, sid: str, owner: str | None = None) -> bool:
+        """Delete a session with its messages and tokens (with ``owner``, only a session of
+        theirs); False when there was none."""
         with self._tx() as con:
-            cur = con.execute("DELETE FROM sessions WHERE id=?", (sid,))
+            if owner is None:
+                cur = con.execute("DELETE FROM sessions WHERE id=?", (sid,))
+            else:
+                cur = con.execute("DELETE FROM sessions WHERE id=? AND owner=?", (sid, owner))
         return cur.rowcount > 0
 
     # -- messages ------------------------------------------------------------------------
