@@ -100,13 +100,102 @@ def test_voice_accuracy_follows_markers() -> None:
     assert A.voice_accuracy(clf, ["no voices at all"], "seed") is None
 
 
+SUMMARY_KEYS = [
+    "n",
+    "base",
+    "tuned",
+    "voice_accuracy",
+    "copied_sentence_rate",
+    "distinct2",
+    "relevance",
+    "relevance_shuffled",
+    "tic_rate",
+    "tic_word",
+    "base_relevance",
+    "base_relevance_shuffled",
+    "base_tic_rate",
+    "base_tic_word",
+]
+
+
 def test_score_summary_keys() -> None:
     training = _training()
-    res = A.score([ONE_VOICE, OUTSIDE], [GOOD_1, GOOD_2], training, "seed")
+    prompts = ["What should I cook tonight?", "Which way is north?"]
+    res = A.score(prompts, [ONE_VOICE, OUTSIDE], [GOOD_1, GOOD_2], training, "seed")
     s = res.summary()
-    assert list(s) == ["n", "base", "tuned", "voice_accuracy", "copied_sentence_rate", "distinct2"]
+    assert list(s) == SUMMARY_KEYS
     assert s["n"] == 2 and s["base"] == 0.0 and s["tuned"] == 1.0
     assert s["copied_sentence_rate"] == 0.0
+    # GOOD_1 answers "cook tonight" (cook); GOOD_2 shares nothing with "Which way is north?".
+    assert s["relevance"] == 0.5
+    # Crossed: GOOD_1 vs the north prompt, GOOD_2 vs the cooking prompt: neither shares a word.
+    assert s["relevance_shuffled"] == 0.0
+    assert s["base_relevance"] == 0.0
+    with pytest.raises(ValueError, match="1 prompts, 2 base and 2 tuned"):
+        A.score(prompts[:1], [ONE_VOICE, OUTSIDE], [GOOD_1, GOOD_2], training, "seed")
+
+
+def test_stem_and_content_words() -> None:
+    stems = {w: A.stem(w) for w in ("bees", "flies", "storing", "stored", "store", "running")}
+    assert stems == {
+        "bees": "bee",
+        "flies": "fly",
+        "storing": "stor",
+        "stored": "stor",
+        "store": "stor",
+        "running": "run",
+    }
+    assert [A.stem(w) for w in ("glasses", "boxes", "octopuses", "Juliet's", "bus")] == [
+        "glass",
+        "box",
+        "octopus",
+        "juliet",
+        "bus",
+    ]
+    # Stop words, contractions (either apostrophe), short words and digits are not content.
+    assert A.content_words("Why do bees make honey? It’s the bees' job, isn't it? 42 ox") == {
+        "bee",
+        "mak",
+        "honey",
+        "job",
+    }
+    assert A.content_words("I'm sure you're not, are you?") == {"sur"}
+    assert A.content_words("") == set()
+
+
+PROMPTS3 = ["How do bees make honey?", "Describe a city at night.", "Why is the sea salty?"]
+# Voice markers are not words of the reply: [Echo] does not make a reply about echoes.
+REPLIES3 = [
+    "[Echo]\nBees, bees: honey again.\n\n[Doubt]\nReally?",
+    "[Pulse]\nChest tight.\n\n[Shift]\nLook at the lights from the other side.",
+    "[Thread]\nThe city at night, and the salt of it.\n\n[Role]\nAs a sailor: salt.",
+]
+
+
+def test_relevance_exact() -> None:
+    # Reply 0 shares bee/honey with its prompt, 1 nothing, 2 nothing ("salt" is not "salty").
+    assert A.relevance(PROMPTS3, REPLIES3, "seed") == pytest.approx(1 / 3)
+    # Mismatched pairs (6): only reply 2 against prompt 1 (city, night) shares a word.
+    assert A.relevance_shuffled(PROMPTS3, REPLIES3, "seed") == pytest.approx(1 / 6)
+    assert A.relevance([], [], "seed") == 0.0
+    assert A.relevance_shuffled(PROMPTS3[:1], REPLIES3[:1], "seed") == 0.0
+    with pytest.raises(ValueError, match="3 prompts but 2 replies"):
+        A.relevance(PROMPTS3, REPLIES3[:2], "seed")
+    # The marker name alone is not a shared word.
+    assert A.relevance(["Tell me about echo chambers."], ["[Echo]\nYes.\n[Doubt]\nNo?"]) == 0.0
+
+
+def test_tic_exact() -> None:
+    replies = [
+        "[Echo]\nBees, bees: a question.\n\n[Doubt]\nA question?",
+        "[Pulse]\nA question, chest tight.",
+        "[Thread]\nThe city at night. Salt, and a chest.",
+    ]
+    # "question" (2 of 3) and "chest" (2 of 3) are in no prompt; ties go alphabetically.
+    assert A.tic(PROMPTS3, replies, "seed") == (pytest.approx(2 / 3), "chest")
+    # Words of any prompt are not tics: "city" and "night" come from prompt 1, "bee" from 0.
+    assert A.tic(PROMPTS3, ["[Echo]\nCity night bees.", "[Echo]\nBees."], "seed") == (0.0, None)
+    assert A.tic(PROMPTS3, [], "seed") == (0.0, None)
 
 
 def test_shipped_prompts() -> None:

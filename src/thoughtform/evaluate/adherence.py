@@ -12,11 +12,25 @@ Definitions (exact, so tests can pin them):
   fraction that occur verbatim (case-insensitively, whitespace collapsed) in the training replies.
 * **distinct-2**: distinct word bigrams / all word bigrams, bigrams taken within each reply's
   voice text (markers excluded).
+* **content words** (:func:`content_words`): the words of a text (letters, inner apostrophes),
+  lowercased, minus :data:`STOP_WORDS` (closed-class words -- articles, pronouns, prepositions,
+  conjunctions, auxiliaries and modals, their contractions -- plus the commonest adverbs and
+  interjections) and words under 3 letters, each reduced by :func:`stem` (possessive and plural
+  endings, -ing, -ed, a final e, a doubled final consonant), so "storing", "stored" and "store"
+  are one word.
+* **relevance**: the fraction of replies whose voice text shares a content word with their own
+  prompt. **relevance_shuffled** is the same for mismatched pairs (every reply against every
+  other prompt, which is the mean over all shuffled pairings): the level a reply reaches by
+  chance, with no regard for its prompt.
+* **tic rate**: over the content words of the replies that occur in no prompt, the largest
+  fraction of replies containing one of them (the word is reported too): a model with a verbal
+  tic puts the same word into most replies, whatever it was asked.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +44,30 @@ MAX_NEW_TOKENS = 160
 _SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+[\"')\]]*|$)")
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 _SPACE = re.compile(r"\s+")
+_LETTERS = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+_VOWEL = re.compile(r"[aeiouy]")
+
+# Closed-class English words (and the commonest adverbs and interjections): never content.
+STOP_WORDS = frozenset(
+    """
+    a an the this that these those some any each every all both either neither no none other
+    another such own same i me my mine myself we us our ours ourselves you your yours yourself
+    yourselves he him his himself she her hers herself it its itself they them their theirs
+    themselves one ones someone something somebody anyone anything anybody everyone everything
+    everybody nobody nothing what which who whom whose when where why how whether whatever
+    whoever of in on at to for with from by about into onto through over under above below
+    between among against during before after since until till without within along across
+    behind beyond near off out up down around toward towards upon via per like and or but nor
+    so yet if then than because while although though unless as is am are was were be been
+    being have has had having do does did doing done will would shall should can could may
+    might must ought i'm i've i'd i'll you're you've you'd you'll he's she's it's we're we've
+    we'd we'll they're they've they'd they'll that's there's here's what's who's let's don't
+    doesn't didn't isn't aren't wasn't weren't won't wouldn't can't cannot couldn't shouldn't
+    haven't hasn't hadn't not yes very too also just only even still again ever never always
+    often here there now more most much many less least few well perhaps maybe quite rather
+    almost already really oh ah hm hmm okay ok
+    """.split()
+)
 
 
 @dataclass(frozen=True)
@@ -135,6 +173,104 @@ def distinct_n(replies: Sequence[str], n: int = 2, voices: VoiceSet | str | None
     return len(seen) / total if total else 0.0
 
 
+# ---------------------------------------------------------------------------- relevance
+
+
+def stem(word: str) -> str:
+    """A crude suffix stripper, the same for prompt and reply: ``bees`` -> ``bee``, ``flies``
+    -> ``fly``, ``storing``/``stored``/``store`` -> ``stor``, ``running`` -> ``run``."""
+    w = word.casefold().replace("’", "'")
+    if w.endswith("'s"):
+        w = w[:-2]
+    w = w.rstrip("'")
+
+    def base(s: str) -> bool:  # what is left is still a word: 3+ letters with a vowel
+        return len(s) >= 3 and bool(_VOWEL.search(s))
+
+    if w.endswith("ies") and len(w) > 4:
+        w = w[:-3] + "y"
+    elif w.endswith("sses"):
+        w = w[:-2]
+    elif w.endswith("ing") and base(w[:-3]):
+        w = w[:-3]
+    elif w.endswith("ed") and not w.endswith("eed") and base(w[:-2]):
+        w = w[:-2]
+    elif w.endswith(("ches", "shes", "xes", "zes")) and len(w) > 4:
+        w = w[:-2]
+    elif w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
+        w = w[:-1]
+    if w.endswith("e") and len(w) > 3:
+        w = w[:-1]
+    if len(w) > 3 and w[-1] == w[-2] and w[-1] not in "aeiouylsz":
+        w = w[:-1]
+    return w
+
+
+def content_words(text: str) -> set[str]:
+    """The stemmed content words of ``text`` (see the module docstring for the rule)."""
+    out: set[str] = set()
+    for m in _LETTERS.finditer(text.replace("’", "'")):
+        w = m.group(0).casefold()
+        if w in STOP_WORDS or len(w) < 3:
+            continue
+        out.add(stem(w))
+    return out
+
+
+def reply_text(reply: str, voices: VoiceSet | str | None = "seed") -> str:
+    """The words of a reply without its voice markers."""
+    return "\n".join(s.text for s in voice_segments(reply, voices))
+
+
+def _reply_words(replies: Sequence[str], voices: VoiceSet | str | None) -> list[set[str]]:
+    return [content_words(reply_text(r, voices)) for r in replies]
+
+
+def relevance(
+    prompts: Sequence[str], replies: Sequence[str], voices: VoiceSet | str | None = "seed"
+) -> float:
+    """Fraction of replies sharing a content word with their own prompt (0.0 for none)."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    if not replies:
+        return 0.0
+    pw = [content_words(p) for p in prompts]
+    rw = _reply_words(replies, voices)
+    return sum(bool(p & r) for p, r in zip(pw, rw, strict=True)) / len(replies)
+
+
+def relevance_shuffled(
+    prompts: Sequence[str], replies: Sequence[str], voices: VoiceSet | str | None = "seed"
+) -> float:
+    """Relevance of mismatched pairs: every reply against every other prompt (0.0 under 2)."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    n = len(replies)
+    if n < 2:
+        return 0.0
+    pw = [content_words(p) for p in prompts]
+    rw = _reply_words(replies, voices)
+    hits = sum(bool(pw[j] & rw[i]) for i in range(n) for j in range(n) if i != j)
+    return hits / (n * (n - 1))
+
+
+def tic(
+    prompts: Sequence[str], replies: Sequence[str], voices: VoiceSet | str | None = "seed"
+) -> tuple[float, str | None]:
+    """The largest fraction of replies containing one content word found in no prompt, and that
+    word (``(0.0, None)`` when there is none; ties go to the alphabetically first)."""
+    if not replies:
+        return 0.0, None
+    in_prompts = set().union(*(content_words(p) for p in prompts))
+    counts: Counter[str] = Counter()
+    for words in _reply_words(replies, voices):
+        counts.update(words - in_prompts)
+    if not counts:
+        return 0.0, None
+    word, c = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return c / len(replies), word
+
+
 # ---------------------------------------------------------------------------- character
 
 
@@ -232,13 +368,13 @@ def generate_replies(
     top_p: float = 0.95,
     threads: int | None = None,
 ) -> list[str]:
-    """One reply per prompt through LlamaCppBackend + Generation; prompt ``i`` uses seed+i."""
+    """One reply per prompt through the llamacpp backend + Generation; prompt ``i`` uses seed+i."""
+    from ..backends import create_backend
     from ..backends.base import GenerationRequest, Message, Sampling
-    from ..backends.llamacpp import LlamaCppBackend
     from ..generate import Generation
 
-    backend = LlamaCppBackend(
-        model=model, lora_path=lora_path, n_ctx=2048, n_threads=threads, seed=seed
+    backend = create_backend(
+        "llamacpp", model=model, lora_path=lora_path, n_ctx=2048, n_threads=threads, seed=seed
     )
     out: list[str] = []
     try:
@@ -270,11 +406,19 @@ class AdherenceResult:
     voice_accuracy: float | None
     copied_sentence_rate: float
     distinct2: float
+    relevance: float = 0.0
+    relevance_shuffled: float = 0.0
+    tic_rate: float = 0.0
+    tic_word: str | None = None
+    base_relevance: float = 0.0
+    base_relevance_shuffled: float = 0.0
+    base_tic_rate: float = 0.0
+    base_tic_word: str | None = None
     base_replies: list[str] = field(default_factory=list)
     tuned_replies: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The ``--json`` object."""
+        """The ``--json`` object: the tuned model's measures, then the plain model's."""
         r4 = lambda x: None if x is None else round(x, 4)  # noqa: E731
         return {
             "n": self.n,
@@ -283,21 +427,37 @@ class AdherenceResult:
             "voice_accuracy": r4(self.voice_accuracy),
             "copied_sentence_rate": r4(self.copied_sentence_rate),
             "distinct2": r4(self.distinct2),
+            "relevance": r4(self.relevance),
+            "relevance_shuffled": r4(self.relevance_shuffled),
+            "tic_rate": r4(self.tic_rate),
+            "tic_word": self.tic_word,
+            "base_relevance": r4(self.base_relevance),
+            "base_relevance_shuffled": r4(self.base_relevance_shuffled),
+            "base_tic_rate": r4(self.base_tic_rate),
+            "base_tic_word": self.base_tic_word,
         }
 
 
 def score(
+    prompts: Sequence[str],
     base_replies: Sequence[str],
     tuned_replies: Sequence[str],
     training: Sequence[Sequence[dict[str, str]]],
     voices: VoiceSet | str | None = "seed",
 ) -> AdherenceResult:
-    """All metrics from replies already generated and the training conversations."""
+    """All metrics from the prompts, the replies already generated for them (one of each per
+    prompt) and the training conversations."""
+    if not len(prompts) == len(base_replies) == len(tuned_replies):
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(base_replies)} base and {len(tuned_replies)} tuned replies"
+        )
     vs = resolve_voice_set(voices)
     clf = VoiceClassifier().fit(training_segments(training, vs))
     corpus = "\n".join(
         m["content"] for msgs in training for m in msgs if m.get("role") == "assistant"
     )
+    tic_rate, tic_word = tic(prompts, tuned_replies, vs)
+    base_tic_rate, base_tic_word = tic(prompts, base_replies, vs)
     return AdherenceResult(
         n=len(tuned_replies),
         base=form_rate(base_replies, vs),
@@ -305,6 +465,14 @@ def score(
         voice_accuracy=voice_accuracy(clf, tuned_replies, vs),
         copied_sentence_rate=copied_sentence_rate(tuned_replies, corpus, vs),
         distinct2=distinct_n(tuned_replies, 2, vs),
+        relevance=relevance(prompts, tuned_replies, vs),
+        relevance_shuffled=relevance_shuffled(prompts, tuned_replies, vs),
+        tic_rate=tic_rate,
+        tic_word=tic_word,
+        base_relevance=relevance(prompts, base_replies, vs),
+        base_relevance_shuffled=relevance_shuffled(prompts, base_replies, vs),
+        base_tic_rate=base_tic_rate,
+        base_tic_word=base_tic_word,
         base_replies=list(base_replies),
         tuned_replies=list(tuned_replies),
     )

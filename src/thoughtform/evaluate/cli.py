@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="form, character and originality of replies: plain model vs. voices adapter",
         description="One reply per prompt from the plain model (with the voice system prompt) and "
         "from the model with the voices adapter, generated through llama.cpp; prints form rates, "
-        "voice accuracy, copied-sentence rate and distinct-2.",
+        "voice accuracy, copied-sentence rate, distinct-2, relevance (replies sharing a content "
+        "word with their prompt, and the same for mismatched pairs) and tic rate (the largest "
+        "share of replies using one content word that is in no prompt).",
     )
     a.add_argument("--prompts", default=None, help="prompt file, one a line (default: shipped set)")
     a.add_argument("--model", default="embedded", help="base GGUF (default: embedded SmolLM2)")
@@ -115,7 +117,7 @@ def cli_eval(argv: list[str]) -> int:
         }
         base = A.generate_replies(prompts, system=voice_system_prompt(vs), **common)
         tuned = A.generate_replies(prompts, lora_path=adapter, **common)
-        result = A.score(base, tuned, training, vs)
+        result = A.score(prompts, base, tuned, training, vs)
     except (BackendError, TrainError, ValueError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else repr(e))
     if args.save:
@@ -133,4 +135,15 @@ def cli_eval(argv: list[str]) -> int:
     print(f"voice accuracy         {pct(s['voice_accuracy'])}  (classifier agrees with the marker)")
     print(f"copied sentences       {pct(s['copied_sentence_rate'])}  (verbatim from training data)")
     print(f"distinct-2             {s['distinct2']:.3f}")
+    for who, pre in (("tuned", ""), ("base", "base_")):
+        print(
+            f"relevance, {who:<5}       {pct(s[pre + 'relevance'])}  (shares a content word with its "
+            f"prompt; mismatched pairs {pct(s[pre + 'relevance_shuffled'])})"
+        )
+    for who, pre in (("tuned", ""), ("base", "base_")):
+        word = s[pre + "tic_word"]
+        print(
+            f"tic rate, {who:<5}        {pct(s[pre + 'tic_rate'])}"
+            + (f"  (replies with {word!r}, a word in no prompt)" if word else "")
+        )
     return 0
