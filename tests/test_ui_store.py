@@ -132,3 +132,60 @@ def test_killed_writer_keeps_flushed_batches(tmp_path: Path) -> None:
     n = len(msgs[0].tokens)
     assert n >= 50 and n % 5 == 0  # whole batches only
     assert [t.index for t in msgs[0].tokens] == list(range(n))
+
+
+V1_DDL = """
+CREATE TABLE sessions(id TEXT PRIMARY KEY, title TEXT NOT NULL, created REAL NOT NULL,
+  updated REAL NOT NULL, voice_set TEXT, settings TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE messages(id INTEGER PRIMARY KEY AUTOINCREMENT,
+  session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE, seq INTEGER NOT NULL,
+  role TEXT NOT NULL, content TEXT, status TEXT NOT NULL, meta TEXT NOT NULL DEFAULT '{}',
+  finish TEXT, created REAL NOT NULL, UNIQUE(session_id, seq));
+CREATE TABLE tokens(message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+  idx INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY(message_id, idx)) WITHOUT ROWID;
+INSERT INTO sessions VALUES('old-session','from version 1',1.0,2.0,NULL,'{"max_tokens":9}');
+INSERT INTO messages(session_id,seq,role,content,status,created)
+  VALUES('old-session',0,'user','kept',"done",1.5);
+PRAGMA user_version=1;
+"""
+
+
+def test_a_version_1_database_opens_and_gains_owners(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.executescript(V1_DDL)
+    con.close()
+    st = Store(db)
+    info = st.get_session("old-session")
+    assert info is not None and info.owner == "" and info.settings == {"max_tokens": 9}
+    assert [m.content for m in st.messages("old-session")] == ["kept"]
+    (version,) = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()
+    assert version == 2
+    # Old sessions were everybody's: they stay in the unscoped list, in nobody's own list.
+    assert [s.id for s in st.list_sessions()] == ["old-session"]
+    assert st.list_sessions(owner="ann") == []
+    st.close()
+    # Opening again (already migrated) changes nothing.
+    st = Store(db)
+    assert st.get_session("old-session") is not None
+    st.close()
+
+
+def test_sessions_are_scoped_by_owner(tmp_path: Path) -> None:
+    st = Store(tmp_path / "s.db")
+    a = st.create_session("ann's", owner="ann")
+    b = st.create_session("bob's", owner="bob")
+    shared = st.create_session("shared")
+    assert [s.id for s in st.list_sessions(owner="ann")] == [a]
+    assert {s.id for s in st.list_sessions()} == {a, b, shared}
+    assert st.get_session(a, owner="bob") is None
+    assert st.get_session(a, owner="ann") is not None
+    with pytest.raises(StoreError):
+        st.update_session(a, title="x", owner="bob")
+    assert not st.delete_session(a, owner="bob")
+    assert st.get_session(a) is not None and st.get_session(a).title == "ann's"  # type: ignore[union-attr]
+    st.set_owner(shared, "bob")
+    assert {s.id for s in st.list_sessions(owner="bob")} == {b, shared}
+    assert st.delete_session(a, owner="ann")
+    with pytest.raises(StoreError):
+        st.set_owner("missing", "ann")

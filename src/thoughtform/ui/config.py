@@ -52,9 +52,10 @@ def auth_users(cfg: ServeConfig) -> list[Credentials]:
 
 
 def parse_credentials(text: str, where: str) -> Credentials:
-    """One ``USER:PASS`` (the password may contain ``:``); ``where`` names the source in errors."""
-    user, sep, pw = text.strip().partition(":")
-    user = user.strip()
+    """One ``USER:PASS`` (the password may contain ``:``; spaces around either are dropped);
+    ``where`` names the source in errors."""
+    user, sep, pw = text.partition(":")
+    user, pw = user.strip(), pw.strip()
     if not sep or not user or not pw:
         raise ConfigError(f"{where}: expected USER:PASS with a non-empty user and password")
     if any(c.isspace() for c in user) or len(user) > 64:

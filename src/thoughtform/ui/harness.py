@@ -49,6 +49,7 @@ class Server:
         port: int | None = None,
         timeout: float = 90.0,
         extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.db = db
         self.port = port or free_port()
@@ -62,7 +63,8 @@ class Server:
         if backend is not None:
             cmd += ["--backend", backend]
         cmd += extra or []
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        env = {**(os.environ if env is None else env)}
+        env.update({"GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"})
         self.log = db.with_suffix(f".{self.port}.log")
         self._log = open(self.log, "wb")
         self.proc = subprocess.Popen(
@@ -112,8 +114,22 @@ def launch(pw: Any) -> Any:
     return pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
 
 
-def open_page(browser: Any, url: str, width: int = 1400, height: int = 1000) -> Any:
-    """A fresh page on the workbench, once its renderer shows a session."""
+def login(page: Any, user: str, password: str) -> None:
+    """Fill and send Gradio's login form (the page reloads into the workbench)."""
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
+def open_page(
+    browser: Any,
+    url: str,
+    width: int = 1400,
+    height: int = 1000,
+    auth: tuple[str, str] | None = None,
+) -> Any:
+    """A fresh page (in its own browser context) on the workbench, logged in as ``auth`` when
+    given, once its renderer shows a session."""
     ctx = browser.new_context(viewport={"width": width, "height": height})
     page = ctx.new_page()
     page.errors = []
@@ -126,6 +142,8 @@ def open_page(browser: Any, url: str, width: int = 1400, height: int = 1000) -> 
 
     page.on("dialog", on_dialog)
     page.goto(url)
+    if auth is not None:
+        login(page, *auth)
     page.wait_for_function(
         "() => { const w = document.querySelector('#tf-wb'); return w && w.dataset.session; }",
         timeout=60_000,
