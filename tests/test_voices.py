@@ -109,7 +109,8 @@ def test_starter_yaml_loads_as_documented(tmp_path: Path) -> None:
     assert [v.name for v in vs.voices] == ["Echo", "Doubt", "think"]
     echo, doubt, think = vs.voices
     assert echo.aliases == ("echo-voice",) and echo.color == "#BB5500" and echo.glyph == "◎"
-    assert (doubt.temperature, doubt.top_p) == (0.9, 0.95)
+    assert (doubt.temperature, doubt.top_p, doubt.vector) == (0.9, 0.95, 0.8)
+    assert echo.vector is None
     assert doubt.color in PALETTE and doubt.color != echo.color  # filled from the palette
     assert think.syntax == "tag" and think.lane == 3
     assert len({v.color for v in vs.voices}) == 3
@@ -199,6 +200,26 @@ BAD_YAML = [
         "must be between 0 and 5",
     ),
     ("voices:\n  - name: Echo\n    top_p: high\n", "voices[0].top_p", "must be a number, got str"),
+    (
+        "voices:\n  - name: Echo\n    vector: 5\n",
+        "voices[0].vector",
+        "must be between -4.0 and 4.0, got 5",
+    ),
+    (
+        "voices:\n  - name: Echo\n    vector: -.inf\n",
+        "voices[0].vector",
+        "must be between -4.0 and 4.0",
+    ),
+    (
+        "voices:\n  - name: Echo\n    vector: strong\n",
+        "voices[0].vector",
+        "must be a number, got str",
+    ),
+    (
+        "voices:\n  - name: Echo\n    vector: true\n",
+        "voices[0].vector",
+        "must be a number, got bool",
+    ),
     (
         "voices:\n  - name: Echo\n    syntax: xml\n",
         "voices[0].syntax",
@@ -369,6 +390,8 @@ def test_schema_is_valid_and_accepts_starter_and_presets() -> None:
         {"voices": [{"name": "Echo", "color": "red"}]},
         {"voices": [{"name": "Echo", "colour": "#123456"}]},
         {"voices": [{"name": "Echo", "temperature": 9}]},
+        {"voices": [{"name": "Echo", "vector": -4.5}]},
+        {"voices": [{"name": "Echo", "vector": "1"}]},
         {"voices": [{"name": ""}]},
         {"voices": [{"name": "x" * 33}]},
         {"voices": [{"name": "Echo", "syntax": "xml"}]},
@@ -393,3 +416,8 @@ def test_voice_dict_omits_defaults() -> None:
     v = Voice(name="t", aliases=("r",), glyph="…", syntax="tag", temperature=0.5, top_p=0.9)
     d = v.to_dict()
     assert d["aliases"] == ["r"] and d["syntax"] == "tag" and d["temperature"] == 0.5
+    assert "vector" not in d
+    steered = Voice(name="Doubt", vector=-1.5)
+    assert steered.to_dict()["vector"] == -1.5
+    assert voice_set_from_dict({"voices": [steered.to_dict()]}).voices[0].vector == -1.5
+    assert voice_set_from_dict({"voices": [{"name": "A", "vector": 0}]}).voices[0].vector == 0.0

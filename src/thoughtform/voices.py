@@ -85,6 +85,7 @@ class Voice:
     syntax: Syntax = "bracket"
     temperature: float | None = None
     top_p: float | None = None
+    vector: float | None = None  # strength of this voice's steering vector (thoughtform.vectors)
 
     @property
     def open_marker(self) -> str:
@@ -112,6 +113,8 @@ class Voice:
             out["temperature"] = self.temperature
         if self.top_p is not None:
             out["top_p"] = self.top_p
+        if self.vector is not None:
+            out["vector"] = self.vector
         return out
 
 
@@ -267,7 +270,11 @@ _VOICE_KEYS = {
     "syntax",
     "temperature",
     "top_p",
+    "vector",
 }
+# Voice-vector strengths: 1 shifts the residual stream by about one voice contrast, and past
+# a few the text stops being language; the workbench's sliders span -2..2.
+VECTOR_MIN, VECTOR_MAX = -4.0, 4.0
 _SET_KEYS = {"name", "description", "unknown", "default_voice", "voices", "syntax"}
 
 
@@ -348,6 +355,9 @@ def voice_set_from_dict(data: Any, source: str = "<voices>") -> VoiceSet:
                 syntax=syntax,
                 temperature=_opt_float(source, f"{where}.temperature", rv.get("temperature"), 0, 5),
                 top_p=_opt_float(source, f"{where}.top_p", rv.get("top_p"), 0, 1),
+                vector=_opt_float(
+                    source, f"{where}.vector", rv.get("vector"), VECTOR_MIN, VECTOR_MAX
+                ),
             )
         )
     # Fill in missing colours from the palette, skipping those already declared.
@@ -434,6 +444,7 @@ voices:
     description: Doubt questions the claim just made.
     temperature: 0.9           # optional sampling overrides used when steering to this voice
     top_p: 0.95
+    vector: 0.8                # optional strength of Doubt's voice vector (-4..4; 0 is off)
   - name: think
     syntax: tag                # written as <think>…</think>, anywhere in a line
     description: think reasons step by step before the answer.
@@ -473,6 +484,11 @@ def json_schema() -> dict[str, Any]:
                                 "syntax": {"enum": ["bracket", "tag"]},
                                 "temperature": {"type": "number", "minimum": 0, "maximum": 5},
                                 "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+                                "vector": {
+                                    "type": "number",
+                                    "minimum": VECTOR_MIN,
+                                    "maximum": VECTOR_MAX,
+                                },
                             },
                         },
                     ]
