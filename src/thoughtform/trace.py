@@ -150,6 +150,7 @@ class TokenRecord:
     steered_logprob: float | None = None
     forced: bool = False
     vector: list[list[Any]] | None = None  # [[voice, strength], ...] in force at this token
+    turn: int | None = None  # council traces: the index of the turn this token belongs to
 
     def to_dict(self) -> dict[str, Any]:
         """The JSONL token record."""
@@ -179,6 +180,8 @@ class TokenRecord:
                 d["forced"] = True
         if self.vector:
             d["vector"] = self.vector
+        if self.turn is not None:
+            d["turn"] = self.turn
         return d
 
     @classmethod
@@ -210,7 +213,12 @@ class TokenRecord:
             steered_logprob=_num(d.get("steered_logprob")),
             forced=bool(d.get("forced")),
             vector=_vector(d.get("vector")),
+            turn=_turn(d.get("turn")),
         )
+
+
+def _turn(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
 
 
 def _vector(x: Any) -> list[list[Any]] | None:
@@ -270,6 +278,10 @@ class Trace:
     # Who-speaks-next records ({"type": "voice_choice", "token", "probs", "chosen", "forced"}),
     # one per voice boundary, kept as plain mappings (thoughtform.steer.VoiceChoice reads them).
     voice_choices: list[dict[str, Any]] = field(default_factory=list)
+    # Council traces (thoughtform.council): one mapping per turn, as its {"type": "turn"} record
+    # (index, voice, policy, probs, by, ...) opened it, with what its {"type": "turn_end"}
+    # record said under "end" (absent while the turn is unfinished). Tokens carry ``turn``.
+    turns: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -290,14 +302,34 @@ class Trace:
         yield _meta_record(self.meta)
         if self.source_text is not None:
             yield {"type": "text", "text": self.source_text}
-        for t in self.tokens:
-            yield t.to_dict()
+        yield from self._token_records()
         for s in self.segments:
             yield segment_to_record(s)
         for c in self.voice_choices:
             yield {**c, "type": "voice_choice"}
         if self.finish is not None:
             yield _end_record(self.finish)
+
+    def _token_records(self) -> Iterator[dict[str, Any]]:
+        """Token records; in a council trace each turn's tokens between its turn records."""
+        if not self.turns:
+            for t in self.tokens:
+                yield t.to_dict()
+            return
+        by_turn: dict[int, list[TokenRecord]] = {}
+        loose: list[TokenRecord] = []
+        for t in self.tokens:
+            (by_turn.setdefault(t.turn, []) if t.turn is not None else loose).append(t)
+        for turn in self.turns:
+            yield turn_record(turn)
+            for t in by_turn.pop(turn.get("index"), []):  # type: ignore[arg-type]
+                yield t.to_dict()
+            end = turn.get("end")
+            if isinstance(end, dict):
+                yield turn_end_record(turn.get("index"), end)
+        rest = sorted(loose + [t for ts in by_turn.values() for t in ts], key=lambda t: t.index)
+        for t in rest:
+            yield t.to_dict()
 
     def to_jsonl(self) -> str:
         """The trace as JSONL text."""
@@ -306,6 +338,18 @@ class Trace:
     def save(self, path: str | Path) -> None:
         """Write the trace to ``path`` as JSONL."""
         Path(path).write_text(self.to_jsonl(), encoding="utf-8")
+
+
+def turn_record(turn: dict[str, Any]) -> dict[str, Any]:
+    """The record that opens a council turn (its ``end`` mapping goes in the turn_end record)."""
+    rest = {k: v for k, v in turn.items() if k not in ("type", "end")}
+    return {"type": "turn", **_jsonable(rest)}
+
+
+def turn_end_record(index: Any, end: dict[str, Any]) -> dict[str, Any]:
+    """The record that closes council turn ``index``: its text, finish reason, token span."""
+    rest = {k: v for k, v in end.items() if k not in ("type", "index")}
+    return {"type": "turn_end", "index": index, **_jsonable(rest)}
 
 
 def _end_record(finish: dict[str, Any]) -> dict[str, Any]:
@@ -405,6 +449,15 @@ def parse_trace_lines(
                 if not isinstance(rec.get("probs"), dict):
                     raise TypeError("'probs' must be an object")
                 trace.voice_choices.append({k: v for k, v in rec.items() if k != "type"})
+            elif kind == "turn":
+                if not isinstance(rec.get("index"), int) or isinstance(rec.get("index"), bool):
+                    raise TypeError("'index' must be an integer")
+                trace.turns.append({k: v for k, v in rec.items() if k != "type"})
+            elif kind == "turn_end":
+                opened = [t for t in trace.turns if t.get("index") == rec.get("index")]
+                if not opened:
+                    raise ValueError(f"no turn {rec.get('index')!r} was opened")
+                opened[-1]["end"] = {k: v for k, v in rec.items() if k not in ("type", "index")}
             elif kind == "end":
                 trace.finish = {k: v for k, v in rec.items() if k != "type"}
             elif kind == "meta":

@@ -570,3 +570,68 @@ class LlamaCppBackend:
         if llm is not None:
             llm.close()
             self._llm = None  # type: ignore[assignment]
+
+    # -- scoring continuations (councils: who speaks next, counterfactual surprisal) -----------
+
+    def score_continuations(
+        self, request: GenerationRequest, texts: Sequence[str], prefix: str = ""
+    ) -> list[float]:
+        """Total log-probability (nats) of each text continuing the request's prompt followed
+        by ``prefix`` (prompt and prefix tokenized apart, each text tokenized on its own).
+
+        Short texts (markers) are scored as parallel sequences in one batch
+        (:meth:`score_sequences`); long ones by decoding them on a copy of the context.
+        """
+        if not self._lock.acquire(timeout=600):
+            raise BackendError("the model is busy with another generation")
+        try:
+            ids = self.prompt_ids(request) + (self.tokenize(prefix) if prefix else [])
+            seqs = [self.tokenize(t) for t in texts]
+            longest = max((len(s) for s in seqs), default=0)
+            if len(ids) + longest > self._n_ctx:
+                raise BackendError(
+                    f"prompt and text are {len(ids) + longest} tokens; context is {self._n_ctx}"
+                )
+            self._eval_prompt(ids or [self._llm.token_bos()], fresh=False)
+            x = np.array(self._logits(-1), dtype=np.float32)
+            log_z = L.log_partition(x)
+            out = [0.0] * len(seqs)
+            group: list[int] = []
+            budget = 0
+            for i, s in enumerate(seqs):
+                if len(s) - 1 > N_BATCH // 2:
+                    out[i] = self._score_long(s, x, log_z)
+                    continue
+                if group and (budget + len(s) - 1 > N_BATCH or len(group) >= N_SEQ_MAX - 1):
+                    for j, lp in zip(
+                        group, self.score_sequences([seqs[j] for j in group], x, log_z), strict=True
+                    ):
+                        out[j] = lp
+                    group, budget = [], 0
+                group.append(i)
+                budget += max(0, len(s) - 1)
+            if group:
+                for j, lp in zip(
+                    group, self.score_sequences([seqs[j] for j in group], x, log_z), strict=True
+                ):
+                    out[j] = lp
+            return out
+        finally:
+            self._lock.release()
+
+    def _score_long(self, seq: Sequence[int], x: np.ndarray, log_z: float) -> float:
+        """Log-probability of a long token sequence after sequence 0, decoded in chunks on
+        sequence 1 (a copy of sequence 0's cache, removed afterwards)."""
+        total = float(x[seq[0]]) - log_z
+        n_past = len(self._past)
+        self._c.llama_memory_seq_cp(self._mem, 0, 1, -1, -1)
+        try:
+            for a in range(0, len(seq) - 1, N_BATCH):
+                chunk = seq[a : min(a + N_BATCH, len(seq) - 1)]
+                self._decode([(t, n_past + a + j, 1, True) for j, t in enumerate(chunk)])
+                for j in range(len(chunk)):
+                    row = self._logits(j)
+                    total += float(row[seq[a + j + 1]]) - L.log_partition(row)
+        finally:
+            self._c.llama_memory_seq_rm(self._mem, 1, -1, -1)
+        return total
