@@ -512,6 +512,20 @@ class Conductor:
         """The reply ended: close a boundary nobody answered."""
         self._pending_choice = None
 
+    def record_choice(
+        self, probs: Mapping[str, float], forced: bool = False, approximate: bool = True
+    ) -> VoiceChoice:
+        """Record who-speaks-next at this boundary as a backend without parallel scoring
+        estimated it (an HTTP server's top-k: approximate); the voice that opens next becomes
+        its ``chosen``, as for scored boundaries."""
+        with self._lock:
+            choice = VoiceChoice(
+                token=self.tokens, probs=dict(probs), forced=forced, approximate=approximate
+            )
+            self.choices.append(choice)
+            self._pending_choice = choice
+        return choice
+
     # -- per-token control -------------------------------------------------------------------
 
     def sampling_for(self, voice: str) -> tuple[float, float]:

@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import queue
+import random
 import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from ..steer import SteerError, _consistent, _proper_prefix, structure_gbnf
 from ..trace import Alternative
 from .base import (
     BackendError,
@@ -44,6 +48,9 @@ from .base import (
     TokenEvent,
     alt_text,
 )
+
+if TYPE_CHECKING:
+    from ..steer import Conductor
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 # OpenAI's and vLLM's default ceiling for top_logprobs (vLLM: --max-logprobs).
@@ -472,6 +479,92 @@ def _describe_exc(e: BaseException, base_url: str, received: int) -> str:
     return f"{name}: {detail}"
 
 
+# ------------------------------------------------------------- servers and what they allow
+
+
+class NoPrefill(BackendError):
+    """The server cannot continue a partial assistant reply in chat form."""
+
+
+@dataclass(frozen=True)
+class ServerFeatures:
+    """What one kind of OpenAI-compatible server offers for steering (from its docs/source):
+    the request field for a grammar, how a chat reply is prefilled, a tokenizer endpoint (path
+    under the server root) and whether ``logit_bias`` takes token-id keys."""
+
+    kind: str
+    grammar: Literal["grammar", "structured_outputs"] | None
+    chat_prefill: Literal["continue_final_message", "assistant"] | None
+    tokenize: str | None
+    logit_bias_ids: bool
+
+
+SERVERS: dict[str, ServerFeatures] = {
+    # vLLM: structured_outputs (guided_* were removed in v0.12), continue_final_message +
+    # add_generation_prompt=false, POST /tokenize {"prompt"}.
+    "vllm": ServerFeatures(
+        "vllm", "structured_outputs", "continue_final_message", "/tokenize", True
+    ),
+    # llama.cpp's llama-server: GBNF `grammar`, a trailing assistant message is a prefill
+    # (--prefill-assistant, on by default), POST /tokenize {"content"}.
+    "llamacpp": ServerFeatures("llamacpp", "grammar", "assistant", "/tokenize", True),
+    # llama-cpp-python's server: `grammar`, no chat prefill (its templates always open a new
+    # assistant turn), POST /extras/tokenize {"input"}.
+    "llama-cpp-python": ServerFeatures(
+        "llama-cpp-python", "grammar", None, "/extras/tokenize", True
+    ),
+    # OpenAI and the rest (Ollama, LM Studio, TabbyAPI, ...): none of it is assumed.
+    "openai": ServerFeatures("openai", None, None, None, False),
+}
+SERVER_CHOICES = ("auto", *SERVERS)
+# /v1/models owned_by -> kind (llama-cpp-python hard-codes "me").
+_OWNED_BY = {
+    "vllm": "vllm",
+    "llamacpp": "llamacpp",
+    "me": "llama-cpp-python",
+    "openai": "openai",
+    "system": "openai",
+    "openai-internal": "openai",
+}
+
+STEERING_FEATURES = ("next_voice", "mute", "voice_sampling", "structure", "voice_scores")
+_CONTINUE = "the reply is cut at a voice marker and continued by a new request"
+SERVER_STEERING: dict[str, dict[str, str]] = {
+    "vllm": {
+        "next_voice": "prefilled marker (completions: in the prompt; chat: continue_final_message)",
+        "mute": "a muted marker is cut before it is shown and its token re-picked from the"
+        " top_logprobs without it (logit_bias by token id via /tokenize without logprobs)",
+        "voice_sampling": f"yes: {_CONTINUE} with the voice's temperature/top_p",
+        "structure": "GBNF grammar via structured_outputs.grammar (live next/mute not applied)",
+        "voice_scores": "approximate, from top_logprobs (<= --max-logprobs) at each marker",
+    },
+    "llamacpp": {
+        "next_voice": "prefilled marker (completions: in the prompt; chat: assistant prefill)",
+        "mute": "cut + re-pick from top_logprobs (logit_bias by token id via /tokenize without"
+        " logprobs)",
+        "voice_sampling": f"yes: {_CONTINUE} with the voice's temperature/top_p",
+        "structure": "GBNF grammar via `grammar` (live next/mute not applied)",
+        "voice_scores": "approximate, from top_logprobs at each marker",
+    },
+    "llama-cpp-python": {
+        "next_voice": "completions only (prefilled prompt); chat requests: error (no prefill)",
+        "mute": "cut + re-pick from top_logprobs (logit_bias by token id via /extras/tokenize"
+        " without logprobs); chat requests cannot continue: the reply ends with an error",
+        "voice_sampling": "completions only; chat requests: not applied (noted in the finish)",
+        "structure": "GBNF grammar via `grammar` (live next/mute not applied)",
+        "voice_scores": "approximate, from top_logprobs (--logits_all true) at each marker",
+    },
+    "openai": {
+        "next_voice": "completions only, where the server has them; chat: error (no prefill)",
+        "mute": "completions only: cut + re-pick from top_logprobs; chat: the reply ends with"
+        " an error when a muted voice starts",
+        "voice_sampling": "completions only; chat: not applied (noted in the finish)",
+        "structure": "not supported: the reply ends with an error",
+        "voice_scores": "approximate, from top_logprobs where the server sends them",
+    },
+}
+
+
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
     "eos": "stop",
@@ -498,11 +591,17 @@ class OpenAIBackend:
         mode: Mode | None = None,
         max_alternatives: int = DEFAULT_MAX_ALTERNATIVES,
         logprobs: bool = True,
+        server: str | None = None,
     ) -> None:
         import httpx
 
         if mode not in (None, "chat", "completion"):
             raise BackendError(f"openai backend: mode must be 'chat' or 'completion', not {mode!r}")
+        server = (server or os.environ.get("THOUGHTFORM_SERVER") or "auto").strip().lower()
+        if server not in SERVER_CHOICES:
+            raise BackendError(
+                f"openai backend: server must be one of {', '.join(SERVER_CHOICES)}, not {server!r}"
+            )
         self.base_url = normalize_base_url(
             base_url or os.environ.get("THOUGHTFORM_BASE_URL") or DEFAULT_BASE_URL
         )
@@ -514,7 +613,11 @@ class OpenAIBackend:
         self.mode = mode
         self.max_alternatives = max(0, int(max_alternatives))
         self.logprobs = logprobs
+        self.server = server
+        self._kind: str | None = None if server == "auto" else server
         self._probed = False
+        self._models: list[dict[str, Any]] | None = None
+        self._token_cache: dict[str, list[int] | None] = {}
         self._client = httpx.Client(
             timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
             headers={"Accept-Encoding": "identity"},  # compressed SSE would be buffered
@@ -522,14 +625,32 @@ class OpenAIBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        """Logprobs and top-k alternatives (when the server sends them); no exact entropy."""
+        """Logprobs and top-k alternatives (when the server sends them); no exact entropy; no
+        token-level control (steering is stop-and-continue, see :attr:`steering`)."""
+        feats = SERVERS.get(self._kind or "")
         return Capabilities(
             logprobs=self.logprobs,
             max_alternatives=self.max_alternatives if self.logprobs else 0,
             logit_bias=True,
+            grammar=feats is not None and feats.grammar is not None,
             chat=self.mode != "completion",
             completion=True,
+            token_control=False,
+            voice_scores="approximate" if self.logprobs else "none",
         )
+
+    @property
+    def steering(self) -> dict[str, str]:
+        """What each steering feature does on this server (``server`` says which kind; with
+        ``server="auto"`` the kind is known after the first steered request)."""
+        kind = self._kind
+        if kind is None:
+            return {"server": "auto (detected at the first steered request)"} | {
+                k: "depends on the server: "
+                + "; ".join(f"{s}: {SERVER_STEERING[s][k]}" for s in SERVERS)
+                for k in STEERING_FEATURES
+            }
+        return {"server": kind, **SERVER_STEERING[kind]}
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -543,31 +664,141 @@ class OpenAIBackend:
             h["Authorization"] = f"Bearer {self._api_key}"
         return h
 
+    @property
+    def _root(self) -> str:
+        """The server root (llama.cpp's ``/props`` and ``/tokenize`` live outside ``/v1``)."""
+        return self.base_url.removesuffix("/v1")
+
+    def _get_json(self, url: str) -> Any:
+        """GET ``url`` as JSON, or None on any failure (probes are optional)."""
+        try:
+            r = self._client.get(url, headers=self._headers(), timeout=min(10.0, self.timeout))
+            return r.json() if r.status_code == 200 else None
+        except Exception:  # a probe that fails just means "not this kind of server"
+            return None
+
+    def _post_json(self, url: str, body: dict[str, Any]) -> Any:
+        """POST ``body`` to ``url``, the JSON answer or None on any failure."""
+        try:
+            r = self._client.post(
+                url, json=body, headers=self._headers(), timeout=min(10.0, self.timeout)
+            )
+            return r.json() if r.status_code == 200 else None
+        except Exception:  # optional, like _get_json
+            return None
+
+    def _model_list(self) -> list[dict[str, Any]]:
+        """``/models`` entries (asked once)."""
+        if self._models is None:
+            got = self._get_json(self.base_url + "/models")
+            data = got.get("data") if isinstance(got, dict) else None
+            self._models = (
+                [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+            )
+        return self._models
+
     def resolve_model(self) -> str | None:
         """The model to name in requests: the configured one, else the server's first model
         from ``/models`` (asked once), else None (many local servers need none)."""
         if self.model or self._probed:
             return self.model
         self._probed = True
-        try:
-            r = self._client.get(
-                self.base_url + "/models", headers=self._headers(), timeout=min(10.0, self.timeout)
-            )
-            data = r.json().get("data") if r.status_code == 200 else None
-            if isinstance(data, list) and data and isinstance(data[0], dict):
-                mid = data[0].get("id")
-                if isinstance(mid, str) and mid:
-                    self.model = self.model_name = mid
-        except Exception:  # listing models is optional; the request itself will report errors
-            pass
+        models = self._model_list()
+        mid = models[0].get("id") if models else None
+        if isinstance(mid, str) and mid:
+            self.model = self.model_name = mid
         return self.model
+
+    def server_kind(self) -> str:
+        """Which server this is (``vllm``, ``llamacpp``, ``llama-cpp-python`` or ``openai`` for
+        anything else): the configured kind, else detected once from ``/v1/models``
+        ``owned_by``, llama.cpp's ``/props`` or llama-cpp-python's ``/extras/tokenize``."""
+        if self._kind is None:
+            self._kind = self._detect()
+        return self._kind
+
+    def _detect(self) -> str:
+        models = self._model_list()
+        owner = str(models[0].get("owned_by") or "").lower() if models else ""
+        if owner in _OWNED_BY:
+            return _OWNED_BY[owner]
+        props = self._get_json(self._root + "/props")
+        if isinstance(props, dict) and (
+            "default_generation_settings" in props or "build_info" in props
+        ):
+            return "llamacpp"
+        tok = self._post_json(self._root + "/extras/tokenize", {"input": "a"})
+        if isinstance(tok, dict) and isinstance(tok.get("tokens"), list):
+            return "llama-cpp-python"
+        return "openai"
+
+    def features(self) -> ServerFeatures:
+        """What this server offers for steering (detects the kind on first use)."""
+        return SERVERS[self.server_kind()]
+
+    def tokenize(self, text: str) -> list[int] | None:
+        """Token ids of ``text`` through the server's tokenizer endpoint (vLLM and llama.cpp
+        ``/tokenize``, llama-cpp-python ``/extras/tokenize``), or None where there is none.
+        A leading BOS some servers add is dropped (found by tokenizing a lone newline)."""
+        if text in self._token_cache:
+            return self._token_cache[text]
+        path = self.features().tokenize
+        ids: list[int] | None = None
+        if path is not None:
+            nl = self._raw_tokens(path, "\n")
+            got = self._raw_tokens(path, "\n" + text)
+            if nl and got and got[: len(nl)] == nl:
+                ids = got[len(nl) :]
+        self._token_cache[text] = ids
+        return ids
+
+    def _raw_tokens(self, path: str, text: str) -> list[int] | None:
+        kind = self.server_kind()
+        if kind == "llama-cpp-python":
+            body: dict[str, Any] = {"input": text}
+        elif kind == "llamacpp":
+            body = {"content": text, "add_special": False}
+        else:
+            body = {"prompt": text, "add_special_tokens": False}
+            if self.resolve_model():
+                body["model"] = self.model
+        got = self._post_json(self._root + path, body)
+        toks = got.get("tokens") if isinstance(got, dict) else None
+        if not isinstance(toks, list):
+            return None
+        out = []
+        for t in toks:
+            t = t.get("id") if isinstance(t, dict) else t
+            if isinstance(t, bool) or not isinstance(t, int):
+                return None
+            out.append(t)
+        return out
 
     def build(self, request: GenerationRequest) -> tuple[str, dict[str, Any], bool, int]:
         """URL, JSON body, whether it is a chat request, and the number of alternatives asked
         for (raises BackendError)."""
+        return self.compose(request, grammar=request.grammar)
+
+    def compose(
+        self,
+        request: GenerationRequest,
+        reply: str = "",
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+        grammar: str | None = None,
+        logit_bias: dict[int, float] | None = None,
+        alternatives: int | None = None,
+    ) -> tuple[str, dict[str, Any], bool, int]:
+        """Like :meth:`build`, continuing the assistant text ``reply`` (appended to the prompt
+        on completions; a prefilled assistant message on chat, where the server has one) with
+        these sampling parameters, grammar and logit bias instead of the request's."""
         chat = request.is_chat if self.mode is None else self.mode == "chat"
         s = request.sampling
-        body: dict[str, Any] = {"stream": True, "max_tokens": s.max_tokens}
+        body: dict[str, Any] = {
+            "stream": True,
+            "max_tokens": s.max_tokens if max_tokens is None else max_tokens,
+        }
         model = self.resolve_model()
         if model:
             body["model"] = model
@@ -578,22 +809,47 @@ class OpenAIBackend:
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
             if not messages:
                 raise BackendError("openai backend: the request has no messages")
+            if reply:
+                prefill = self.features().chat_prefill
+                if prefill is None:
+                    raise NoPrefill(
+                        f"this server ({self.server_kind()}) cannot continue a chat reply (no"
+                        " assistant prefill); send a raw prompt (completions) or use vLLM or"
+                        " llama.cpp's llama-server"
+                    )
+                messages.append({"role": "assistant", "content": reply})
+                if prefill == "continue_final_message":
+                    body["continue_final_message"] = True
+                    body["add_generation_prompt"] = False
             body["messages"] = messages
         else:
             if request.prompt is None:
                 raise BackendError("openai backend: mode 'completion' needs a prompt, not messages")
-            body["prompt"] = request.prompt
-        body["temperature"] = s.temperature
-        body["top_p"] = s.top_p
+            body["prompt"] = request.prompt + reply
+        body["temperature"] = s.temperature if temperature is None else temperature
+        body["top_p"] = s.top_p if top_p is None else top_p
         if s.top_k > 0:  # not in OpenAI's API; vLLM and llama.cpp servers accept it
             body["top_k"] = s.top_k
         if s.seed is not None:
             body["seed"] = s.seed
         if s.stop:
             body["stop"] = list(s.stop)
-        if request.logit_bias:
-            body["logit_bias"] = {str(k): float(v) for k, v in request.logit_bias.items()}
-        n = min(max(0, request.alternatives), self.max_alternatives) if self.logprobs else 0
+        bias = {**request.logit_bias, **(logit_bias or {})}
+        if bias:
+            body["logit_bias"] = {str(k): float(v) for k, v in bias.items()}
+        if grammar:
+            how = self.features().grammar
+            if how is None:
+                raise BackendError(
+                    f"grammars are not supported by this server ({self.server_kind()}: no"
+                    " `grammar` or `structured_outputs`)"
+                )
+            if how == "structured_outputs":
+                body["structured_outputs"] = {"grammar": grammar}
+            else:
+                body["grammar"] = grammar
+        want = request.alternatives if alternatives is None else alternatives
+        n = min(max(0, want), self.max_alternatives) if self.logprobs else 0
         if self.logprobs:
             if chat:
                 body["logprobs"] = True
@@ -608,7 +864,15 @@ class OpenAIBackend:
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[StreamEvent]:
-        """Stream the reply; every fault ends it with a FinishEvent(reason="error")."""
+        """Stream the reply; every fault ends it with a FinishEvent(reason="error").
+
+        With a conductor on a voice set that has bracket voices, the reply is steered by
+        stop-and-continue (see :class:`_Steer`); otherwise it is one request, streamed as is.
+        """
+        cond = request.conductor
+        if cond is not None and any(v.syntax == "bracket" for v in cond.voices.voices):
+            yield from _Steer(self, request, cancel, cond).run()
+            return
         t0 = time.perf_counter()
         try:
             url, body, chat, n_top = self.build(request)
@@ -618,6 +882,19 @@ class OpenAIBackend:
         if cancel is not None and cancel.is_set():
             yield FinishEvent("cancelled", "stopped by the user")
             return
+        yield from self._events(url, body, chat, n_top, cancel, t0)
+
+    def _events(
+        self,
+        url: str,
+        body: dict[str, Any],
+        chat: bool,
+        n_top: int,
+        cancel: threading.Event | None,
+        t0: float,
+    ) -> Generator[StreamEvent, None, None]:
+        """One request, streamed: token events, then exactly one FinishEvent. Closing the
+        generator early hangs up, so the server stops generating."""
         sent = time.perf_counter()  # the first-token clock starts when the request goes out
         run = _Run(t0, ChunkAssembler(n_top=n_top, chat=chat))
         pump = _Pump(self._client, url, body, self._headers())
@@ -771,3 +1048,602 @@ def _finish_for(fr: str | None) -> tuple[FinishReason, str]:
     if fr == "abort":  # vLLM: the request was aborted server-side
         return "error", "the server aborted the request"
     return "stop", f"finish_reason={fr}"
+
+
+# ------------------------------------------------------- steering by stop-and-continue
+
+_NL_BRACKET = re.compile(r"\n[ \t]*\[")
+# Characters per token assumed when a structure's block budget (tokens) becomes a grammar's
+# character bound: English BPE text runs ~4 per token; 3 leaves room for the next marker.
+_CHARS_PER_TOKEN = 3
+
+
+def marker_start(line: str, text: str) -> int:
+    """Offset in ``text`` (which follows the current line ``line``) where a bracket marker
+    could open at the start of a line, or -1."""
+    if line.strip(" \t") == "":
+        j = len(text) - len(text.lstrip(" \t"))
+        if text[j : j + 1] == "[":
+            return j
+    m = _NL_BRACKET.search(text)
+    return m.end() - 1 if m else -1
+
+
+def _first_line(s: str) -> str:
+    return s.split("\n", 1)[0].lower()
+
+
+def _usable(a: Alternative) -> bool:
+    """An alternative whose text can be appended to a prompt: a logprob, and real text (not a
+    display form such as ``<empty>`` or ``<0xE2>`` for a partial character)."""
+    if a.logprob is None or not a.text:
+        return False
+    if a.bytes is not None:
+        try:
+            return a.bytes.decode("utf-8") == a.text and bool(a.bytes)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def sample_alternative(
+    alts: list[Alternative], temperature: float, top_p: float, rng: random.Random
+) -> tuple[Alternative, float] | None:
+    """Sample one of ``alts`` (the allowed part of a server's top-k) at this temperature and
+    top-p; returns it with its log-probability as sampled, or None when there is none."""
+    alts = [a for a in alts if a.logprob is not None]
+    if not alts:
+        return None
+    lps = [float(a.logprob) for a in alts]  # type: ignore[arg-type]
+    if temperature <= 0:
+        i = max(range(len(alts)), key=lambda k: lps[k])
+        return alts[i], 0.0
+    top = max(lps)
+    w = [math.exp((lp - top) / temperature) for lp in lps]
+    z = sum(w)
+    order = sorted(range(len(alts)), key=lambda k: -w[k])
+    keep: list[int] = []
+    acc = 0.0
+    for k in order:
+        keep.append(k)
+        acc += w[k] / z
+        if acc >= top_p:
+            break
+    zk = sum(w[k] for k in keep)
+    r = rng.random() * zk
+    for k in keep:
+        r -= w[k]
+        if r <= 0:
+            break
+    return alts[k], math.log(w[k] / zk)
+
+
+@dataclass
+class _Hit:
+    """A declared voice's marker the model just wrote, held back (not yet emitted)."""
+
+    voice: str
+    held: list[TokenEvent]
+    cut: int  # offset of '[' in held[0].text
+    emitted: str  # the marker's first part when it was emitted already (after a re-pick)
+    line: str  # the current line before held[0]
+    at: int  # reply offset where the marker starts
+
+
+class _Watch:
+    """Holds tokens back from the moment a line starts with ``[`` until it is known whether
+    this is a declared voice's marker (a hit) or not (the tokens are released)."""
+
+    def __init__(self, keys: list[tuple[str, str]], reply: str) -> None:
+        self.keys = keys  # (lowercase opener, voice), longest first
+        nl = reply.rfind("\n")
+        self.line = reply[nl + 1 :]
+        self.offset = len(reply)
+        self.held: list[TokenEvent] = []
+        self.marker: str | None = None
+        self.cut = 0
+        self.emitted = ""
+        self.line0 = self.line
+        self.at = 0
+        lead = self.line.lstrip(" \t")
+        if lead.startswith("[") and self._open(lead):
+            # Resumed inside a marker whose first part is already out (after a re-pick).
+            self.marker = self.emitted = lead
+            self.at = len(reply) - len(lead)
+
+    def _open(self, marker: str) -> bool:
+        low = _first_line(marker)
+        return "\n" not in marker and any(k.startswith(low) for k, _ in self.keys)
+
+    def push(self, ev: TokenEvent) -> tuple[list[TokenEvent], _Hit | None]:
+        """One token in; the tokens now safe to emit, and a hit when a marker completed."""
+        if self.marker is None:
+            k = marker_start(self.line, ev.text)
+            if k < 0:
+                self._advance(ev.text)
+                return [ev], None
+            self.held, self.cut, self.marker = [ev], k, ev.text[k:]
+            self.line0, self.at = self.line, self.offset + k
+        else:
+            self.held.append(ev)
+            self.marker += ev.text
+        low = _first_line(self.marker)
+        for key, voice in self.keys:
+            if low.startswith(key):
+                if low[len(key) :].startswith("("):
+                    break  # [Name](url): a Markdown link, not a marker
+                return [], _Hit(voice, self.held, self.cut, self.emitted, self.line0, self.at)
+        else:
+            if self._open(self.marker):
+                return [], None
+        return self.release(), None
+
+    def release(self) -> list[TokenEvent]:
+        """Give back everything held (the stream ended, or it was no marker after all)."""
+        out = self.held
+        for ev in out:
+            self._advance(ev.text)
+        self.held, self.marker, self.emitted = [], None, ""
+        return out
+
+    def _advance(self, text: str) -> None:
+        self.offset += len(text)
+        nl = text.rfind("\n")
+        self.line = text[nl + 1 :] if nl >= 0 else self.line + text
+
+
+class _Steer:
+    """One reply steered on a server without token-level control (stop-and-continue).
+
+    The reply streams as usual, except that a line starting with ``[`` is held back until its
+    marker is known. At a declared voice's marker (a voice boundary) the conductor is asked:
+
+    * a pending **next voice** other than the model's: the held marker is dropped, the wanted
+      one emitted as a forced token, and a new request continues from the reply so far (in the
+      prompt on completions, as a prefilled assistant message on chat where the server has one);
+    * a **muted** voice: its marker is dropped at its first token that spells only a muted
+      marker; that token is re-picked from the server's top-k without muted markers (at the
+      request's temperature and top-p; a one-token request with ``logit_bias`` by token id when
+      there are no logprobs but a tokenizer endpoint; else another voice is forced);
+    * **per-voice sampling**: a voice whose temperature / top-p differ from the running
+      request's gets a new request after its marker;
+    * **who speaks next**: the probabilities of each voice's marker from the top-k of the held
+      tokens (approximate: only the top-k, along the path the model took), recorded through
+      :meth:`Conductor.record_choice`.
+
+    A structure is one grammar request (``structure_gbnf``); live changes then wait for the
+    next reply. The reply start is a boundary too: a next voice is prefilled there.
+    """
+
+    def __init__(
+        self,
+        backend: OpenAIBackend,
+        request: GenerationRequest,
+        cancel: threading.Event | None,
+        cond: Conductor,
+    ) -> None:
+        self.b, self.req, self.cancel, self.cond = backend, request, cancel, cond
+        self.t0 = time.perf_counter()
+        self.first_at: float | None = None
+        self.reply = ""
+        self.n = 0  # tokens emitted (think markers excluded)
+        self.requests = 0
+        self.prompt_tokens: int | None = None
+        self.voice = cond.voice
+        s = request.sampling
+        self.base = (s.temperature, s.top_p)
+        self.sampling = self.base  # of the running request
+        self.grammar = False
+        self.chat = request.is_chat if backend.mode is None else backend.mode == "chat"
+        keys = [
+            (f"[{k.lower()}]", v.name)
+            for v in cond.voices.voices
+            if v.syntax == "bracket"
+            for k in (v.name, *v.aliases)
+        ]
+        self.keys = sorted(keys, key=lambda kv: -len(kv[0]))
+        self.notes: list[str] = []
+        self.scored_at = -1
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def _can_continue(self) -> bool:
+        """Whether a partial reply can be continued by a new request."""
+        return not self.chat or self.b.features().chat_prefill is not None
+
+    def _emit(self, ev: TokenEvent, sampled: bool = True) -> TokenEvent:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        if sampled and not is_marker(ev) and not ev.steered:
+            if self.grammar or self.sampling != self.base:
+                ev = dataclasses.replace(ev, steered=True)
+        self.reply += ev.text
+        if not is_marker(ev):
+            self.n += 1
+        return ev
+
+    def _finish(self, reason: FinishReason, message: str = "") -> FinishEvent:
+        now = time.perf_counter()
+        timings = {"total_s": now - self.t0}
+        if self.first_at is not None:
+            timings["first_token_s"] = self.first_at - self.t0
+            if self.n > 1 and now > self.first_at:
+                timings["tokens_per_s"] = (self.n - 1) / (now - self.first_at)
+        usage = {"completion_tokens": self.n, "requests": self.requests}
+        if self.prompt_tokens is not None:
+            usage["prompt_tokens"] = self.prompt_tokens
+        msg = "; ".join(x for x in (message, *self.notes) if x)
+        return FinishEvent(reason, msg, timings, usage)
+
+    def _open(self, **kw: Any) -> Generator[StreamEvent, None, None]:
+        """One request continuing the reply so far (raises BackendError)."""
+        url, body, chat, n_top = self.b.compose(self.req, reply=self.reply, **kw)
+        self.requests += 1
+        return self.b._events(url, body, chat, n_top, self.cancel, time.perf_counter())
+
+    def _first_token(self, reply: str, **kw: Any) -> TokenEvent | None:
+        """The first token of a one-token request continuing ``reply`` (None on any fault)."""
+        try:
+            url, body, chat, n_top = self.b.compose(self.req, reply=reply, max_tokens=1, **kw)
+        except BackendError:
+            return None
+        self.requests += 1
+        sub = self.b._events(url, body, chat, n_top, self.cancel, time.perf_counter())
+        try:
+            for ev in sub:
+                return ev if isinstance(ev, TokenEvent) else None
+        finally:
+            sub.close()
+        return None
+
+    def _forced(self, name: str) -> TokenEvent:
+        v = self.cond.voices.voice(name)
+        self.voice = v.name
+        return TokenEvent(text=v.open_marker + "\n", forced=True, steered=True, steered_logprob=0.0)
+
+    def _pre(self, hit: _Hit) -> list[TokenEvent]:
+        """The part of the first held token before the marker (e.g. the line feed of ``\\n[``)."""
+        if hit.emitted or hit.cut == 0:
+            return []
+        h0 = hit.held[0]
+        return [dataclasses.replace(h0, text=h0.text[: hit.cut], bytes=None, steered=True)]
+
+    # -- the reply ---------------------------------------------------------------------------
+
+    def run(self) -> Iterator[StreamEvent]:
+        """The steered reply: token events, then one FinishEvent."""
+        cond = self.cond
+        try:
+            if cond.structure is not None:
+                yield from self._structured()
+                return
+            nv = cond.next_voice
+            if nv is not None and nv not in cond.muted:
+                if not self._can_continue():
+                    yield self._finish(
+                        "error",
+                        f"next voice {nv}: this server ({self.b.server_kind()}) cannot prefill"
+                        " a chat reply; send a raw prompt (completions) or use vLLM or"
+                        " llama.cpp's llama-server",
+                    )
+                    return
+                cond.set_next_voice(None)
+                probs = self._probe() if cond.plan.score_voices else None
+                if probs is not None:
+                    cond.record_choice(probs, forced=True)
+                    self.scored_at = 0
+                yield self._emit(self._forced(nv), sampled=False)
+            yield from self._loop()
+        except BackendError as e:
+            yield self._finish("error", str(e))
+
+    def _loop(self) -> Iterator[StreamEvent]:
+        cond = self.cond
+        while True:
+            if self.cancel is not None and self.cancel.is_set():
+                yield self._finish("cancelled", "stopped by the user")
+                return
+            left = self.req.sampling.max_tokens - self.n
+            if left <= 0:
+                yield self._finish("length")
+                return
+            t, p = cond.sampling_for(self.voice)
+            sub = self._open(temperature=t, top_p=p, max_tokens=left)
+            self.sampling = (t, p)
+            watch = _Watch(self.keys, self.reply)
+            try:
+                for ev in sub:
+                    if isinstance(ev, FinishEvent):
+                        for h in watch.release():
+                            yield self._emit(h)
+                        if self.prompt_tokens is None and "prompt_tokens" in ev.usage:
+                            self.prompt_tokens = ev.usage["prompt_tokens"]
+                        yield self._finish(ev.reason, ev.message)
+                        return
+                    ready, hit = watch.push(ev)
+                    for r in ready:
+                        yield self._emit(r)
+                    if hit is None:
+                        continue
+                    events, verdict = self._boundary(hit)
+                    for out in events:
+                        yield self._emit(out, sampled=not out.forced and not out.steered)
+                    if verdict == "continue":
+                        watch.release()  # emitted above
+                        continue
+                    if verdict != "cut":
+                        yield self._finish(*verdict.split(":", 1))  # type: ignore[arg-type]
+                        return
+                    break  # continue with a new request
+            finally:
+                sub.close()
+
+    def _boundary(self, hit: _Hit) -> tuple[list[TokenEvent], str]:
+        """Apply the conductor at a voice marker: the events to emit and what next ("continue"
+        this stream, "cut" it and continue with a new request, or "REASON:message")."""
+        cond = self.cond
+        probs: dict[str, float] | None = None
+        if cond.plan.score_voices and hit.at != self.scored_at:
+            probs = self._hit_probs(hit)
+        self.scored_at = hit.at
+        v = hit.voice
+        nv = cond.next_voice
+        if nv is not None and nv not in cond.muted and nv != v and not hit.emitted:
+            cond.set_next_voice(None)
+            if self._can_continue():
+                if probs is not None:
+                    cond.record_choice(probs, forced=True)
+                return [*self._pre(hit), self._forced(nv)], "cut"
+            self._note(f"next voice {nv} not applied: this server cannot continue a chat reply")
+        elif nv == v:
+            cond.set_next_voice(None)
+        if v in cond.muted:
+            if probs is not None:
+                cond.record_choice(probs, forced=False)
+            if not self._can_continue():
+                return self._pre(hit), (
+                    f"error:muted voice {v} started and this server ({self.b.server_kind()})"
+                    " cannot continue a chat reply without it; send a raw prompt (completions)"
+                )
+            return self._repick(hit)
+        if probs is not None:
+            cond.record_choice(probs, forced=False)
+        self.voice = v
+        if cond.sampling_for(v) != self.sampling:
+            if self._can_continue():
+                return list(hit.held), "cut"
+            self._note("per-voice sampling not applied: this server cannot continue a chat reply")
+        return list(hit.held), "continue"
+
+    # -- mute ----------------------------------------------------------------------------------
+
+    def _banned(self, marker: str) -> bool:
+        """Whether marker text (from its '[') could only spell a muted voice's marker."""
+        muted = self.cond.muted
+        low = _first_line(marker)
+        return _consistent(low, [k for k, v in self.keys if v in muted]) and not _proper_prefix(
+            low, [k for k, v in self.keys if v not in muted]
+        )
+
+    def _alt_ok(self, hit: _Hit, pos: int, state: str, text: str) -> bool:
+        if pos == 0 and not hit.emitted:
+            k = marker_start(hit.line, text)
+            return k < 0 or not self._banned(text[k:])
+        return not self._banned(state + text)
+
+    def _repick(self, hit: _Hit) -> tuple[list[TokenEvent], str]:
+        """Replace the first held token that spells only a muted marker."""
+        state = hit.emitted
+        pos = len(hit.held) - 1
+        for i, ev in enumerate(hit.held):
+            piece = ev.text[hit.cut :] if i == 0 and not hit.emitted else ev.text
+            if self._banned(state + piece):
+                pos = i
+                break
+            state += piece
+        head = hit.held[:pos]
+        at = hit.held[pos]
+        t, p = self.sampling  # the marker was sampled under the running request
+        cands = [a for a in at.top if _usable(a) and self._alt_ok(hit, pos, state, a.text)]
+        got = sample_alternative(cands, t, p, self.cond.rng)
+        if got is not None:
+            alt, slp = got
+            pick = TokenEvent(
+                text=alt.text,
+                bytes=alt.bytes,
+                logprob=alt.logprob,
+                top=at.top,
+                steered=True,
+                steered_logprob=slp,
+            )
+            return [*head, pick], "cut"
+        tok = self._bias_step(hit, head, pos, state)
+        if tok is not None:
+            return [*head, tok], "cut"
+        return self._other_voice(hit)
+
+    def _bias_step(
+        self, hit: _Hit, head: list[TokenEvent], pos: int, state: str
+    ) -> TokenEvent | None:
+        """One token from the server with the muted markers' tokens banned by ``logit_bias``
+        (token-id keys, from its tokenizer endpoint); None where that is not possible. The ban
+        holds for this one position only: a request-wide bias would also ban the name in prose
+        (string keys on llama.cpp ban every token of the string, '[' included)."""
+        feats = self.b.features()
+        if not feats.logit_bias_ids or feats.tokenize is None:
+            return None
+        muted: set[int] = set()
+        allowed: set[int] = set()
+        for v in self.cond.voices.voices:
+            if v.syntax != "bracket":
+                continue
+            for name in (v.name, *v.aliases):
+                ids = self.b.tokenize(f"[{name}]") or []
+                (muted if v.name in self.cond.muted else allowed).update(ids)
+        ban = muted - allowed
+        if not ban:
+            return None
+        t, p = self.sampling
+        ctx = self.reply + "".join(h.text for h in head)
+        if pos == 0 and not hit.emitted:
+            ctx = self.reply  # the whole first token is re-drawn
+        tok = self._first_token(
+            ctx, temperature=t, top_p=p, logit_bias={i: -100.0 for i in sorted(ban)}
+        )
+        if tok is None or not tok.text or not self._alt_ok(hit, pos, state, tok.text):
+            return None
+        return dataclasses.replace(tok, steered=True)
+
+    def _other_voice(self, hit: _Hit) -> tuple[list[TokenEvent], str]:
+        """Last resort (no logprobs, no tokenizer): another voice's marker, forced."""
+        cond = self.cond
+        ok = [
+            v.name
+            for v in cond.voices.voices
+            if v.syntax == "bracket" and v.name not in cond.muted and v.name != self.voice
+        ]
+        if not ok:
+            self._note("every voice is muted: the reply ends where one would begin")
+            return self._pre(hit), "stop:"
+        self._note("a muted voice's marker was replaced by another voice (no logprobs to re-pick)")
+        return [*self._pre(hit), self._forced(cond.rng.choice(ok))], "cut"
+
+    # -- who speaks next -----------------------------------------------------------------------
+
+    def _walk(self, path: list[TokenEvent], line: str, emitted: str) -> dict[str, float] | None:
+        """Each declared voice's probability of opening here, from the top-k of the tokens
+        along ``path`` (the tokens that spelled the marker): an alternative that can only
+        begin one voice's marker counts for it; one shared by several (``[``) is followed
+        only along the path, with the next token's top-k."""
+        if not path or not path[0].top:
+            return None
+        probs = {v.name: 0.0 for v in self.cond.voices.voices}
+
+        def walk(i: int, state: str | None, w: float) -> None:
+            if i >= len(path):
+                return
+            for a in path[i].top:
+                if a.logprob is None:
+                    continue
+                pa = w * math.exp(a.logprob)
+                if state is None:
+                    k = marker_start(line, a.text)
+                    if k < 0:
+                        continue
+                    s = a.text[k:]
+                else:
+                    s = state + a.text
+                low = _first_line(s)
+                done = [v for key, v in self.keys if low.startswith(key)]
+                if done:
+                    probs[done[0]] += pa
+                    continue
+                cons = {v for key, v in self.keys if key.startswith(low)}
+                if len(cons) == 1 and "\n" not in s:
+                    probs[cons.pop()] += pa
+                elif cons and a.text == path[i].text and "\n" not in s:
+                    walk(i + 1, s, pa)
+
+        walk(0, emitted or None, 1.0)
+        return probs
+
+    def _hit_probs(self, hit: _Hit) -> dict[str, float] | None:
+        if hit.emitted:
+            return None
+        return self._walk(hit.held, hit.line, "")
+
+    def _probe(self) -> dict[str, float] | None:
+        """Who would speak at the reply start (before a prefilled voice): one-token requests
+        for the first token, and for the next one after the likeliest shared prefix."""
+        # As many alternatives as the server gives: the voices' mass is spread over them.
+        n = self.b.max_alternatives
+        first = self._first_token("", temperature=0.0, alternatives=n)
+        if first is None or not first.top:
+            return None
+        shared = None
+        for a in first.top:  # most likely first
+            k = marker_start("", a.text)
+            if k < 0 or a.logprob is None:
+                continue
+            low = _first_line(a.text[k:])
+            if len({v for key, v in self.keys if key.startswith(low)}) > 1:
+                shared = a
+                break
+        path = [first]
+        if shared is not None:
+            nxt = self._first_token(shared.text, temperature=0.0, alternatives=n)
+            path = [dataclasses.replace(first, text=shared.text)]
+            if nxt is not None:
+                path.append(nxt)
+        return self._walk(path, "", "")
+
+    # -- structure -----------------------------------------------------------------------------
+
+    def _structured(self) -> Iterator[StreamEvent]:
+        """One grammar request: the structure as GBNF, the next voice as its first voice."""
+        cond = self.cond
+        st = cond.structure
+        assert st is not None
+        feats = self.b.features()
+        if feats.grammar is None:
+            yield self._finish(
+                "error",
+                f"structure is not supported by this server ({feats.kind}: it takes no grammar;"
+                " llama.cpp's and llama-cpp-python's servers take `grammar`, vLLM"
+                " `structured_outputs`)",
+            )
+            return
+        forced = False
+        nv = cond.next_voice
+        if nv is not None and nv not in cond.muted:
+            st = dataclasses.replace(
+                st, first=nv, never_first=tuple(x for x in st.never_first if x != nv)
+            )
+            cond.set_next_voice(None)
+            forced = True
+        max_tokens = self.req.sampling.max_tokens
+        try:
+            gbnf = structure_gbnf(
+                cond.voices,
+                st,
+                cond.muted,
+                block_chars=_CHARS_PER_TOKEN * st.block_budget(max_tokens),
+            )
+        except SteerError as e:
+            yield self._finish("error", str(e))
+            return
+        if any(
+            cond.sampling_for(v.name) != self.base
+            for v in cond.voices.voices
+            if v.syntax == "bracket"
+        ):
+            self._note("per-voice sampling is not applied under a structure on this backend")
+        self.grammar = True
+        sub = self._open(grammar=gbnf, max_tokens=max_tokens)
+        watch = _Watch(self.keys, self.reply)
+        try:
+            for ev in sub:
+                if isinstance(ev, FinishEvent):
+                    for h in watch.release():
+                        yield self._emit(h)
+                    if "prompt_tokens" in ev.usage:
+                        self.prompt_tokens = ev.usage["prompt_tokens"]
+                    yield self._finish(ev.reason, ev.message)
+                    return
+                ready, hit = watch.push(ev)
+                for r in ready:
+                    yield self._emit(r)
+                if hit is not None:
+                    if cond.plan.score_voices:
+                        probs = self._hit_probs(hit)
+                        if probs is not None:
+                            cond.record_choice(probs, forced=forced)
+                    forced = False
+                    for h in watch.release():
+                        yield self._emit(h)
+        finally:
+            sub.close()
