@@ -579,9 +579,12 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         )
 
         def on_ds_path(path: str | None) -> list[Any]:
-            # A typed path reads any file the server can: only for a workbench on loopback.
-            if not is_loopback(config.host):
-                raise _error(WorkbenchError("server paths only on loopback; upload the file"))
+            # A typed path reads any file the server can (the sessions database of every user
+            # included): only for one person's workbench, on loopback without a login.
+            if not is_loopback(config.host) or wb.scoped:
+                raise _error(
+                    WorkbenchError("server paths only on loopback without a login; upload the file")
+                )
             return on_ds_open(path)
 
         def on_ds_open(path: str | None) -> list[Any]:
