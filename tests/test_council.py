@@ -172,10 +172,8 @@ class _NoScores(ScriptedBackend):
 
 
 def test_model_policy_without_a_scorer_is_a_clear_error() -> None:
-    c = Council(SEED, MEMBERS, _NoScores(as_speaker()), "model")
-    c.say("x")
     with pytest.raises(CouncilError, match="cannot score"):
-        run_all(c, 1)
+        Council(SEED, MEMBERS, _NoScores(as_speaker()), "model")
 
 
 def test_manual_policy_asks_the_chooser() -> None:
@@ -425,16 +423,17 @@ def test_echo_scores_credit_the_turn_that_used_a_unit_first() -> None:
     # Echo: {sky, blue, said, sky blue}: sky, blue and "sky blue" came from the user.
     assert s[1] == {0: pytest.approx(3 / 4)}
     # Doubt: {sky, blue, night, grey, sky blue}: 3 from the user, none first said by Echo.
-    assert s[2] == {0: pytest.approx(3 / 5)}
+    assert s[2] == {0: pytest.approx(3 / 5), 1: 0.0}
     # Pulse: {grey, breath, night, cold, grey breath, night cold}: grey and night from Doubt.
-    assert s[3] == {2: pytest.approx(2 / 6)}
+    assert s[3] == {0: 0.0, 1: 0.0, 2: pytest.approx(2 / 6)}
     assert 0 not in s  # the user's own turn draws on nothing
     m = voice_matrix(hand_turns(), s)
     assert m.labels == (USER, "Echo", "Doubt", "Pulse")
     assert m.get("Pulse", "Doubt") == pytest.approx(1 / 3)
-    assert m.get("Pulse", "Echo") is None  # no credit recorded, no pair
+    assert m.get("Pulse", "Echo") == 0.0
+    assert m.get("Echo", "Doubt") is None  # Echo spoke before Doubt: no pair
     assert m.get("Doubt", USER) == pytest.approx(0.6)
-    assert m.counts[3] == (0, 0, 1, 0)
+    assert m.counts[3] == (1, 1, 1, 0)
 
 
 def test_voice_matrix_means_over_turn_pairs() -> None:

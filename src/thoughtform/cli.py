@@ -509,6 +509,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return cli_eval(list(args.rest))
 
 
+def cmd_council(args: argparse.Namespace) -> int:
+    """Delegate to the council (voices taking turns: ``thoughtform council --help``)."""
+    from .council_cli import cli_council
+
+    return cli_council(list(args.rest))
+
+
 # -- argument parser -------------------------------------------------------------------------
 
 
@@ -742,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="voice adherence eval (eval adherence ...)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("council", help="an inner chat: voices take turns", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_council)
     return ap
 
 
@@ -749,6 +760,7 @@ _DELEGATED: dict[str, Callable[[argparse.Namespace], int]] = {
     "dataset": cmd_dataset,
     "train": cmd_train,
     "eval": cmd_eval,
+    "council": cmd_council,
 }
 
 

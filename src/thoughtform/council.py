@@ -411,8 +411,7 @@ class TurnCutter:
                 elif self.has_text:
                     self.state = "done"
                 else:
-                    if self.state != "skip":
-                        self.skipped += 1
+                    self.skipped += 1
                     self.state = "skip"
             elif isinstance(e, VoiceEnd):
                 if e.voice == self.speaker and e.marker and self.has_text:
@@ -527,6 +526,11 @@ class Council:
         self.attention = attention
         if policy == "manual" and chooser is None:
             raise CouncilError("policy manual needs a chooser (who speaks next)")
+        if policy == "model" and self.scorer() is None:
+            raise CouncilError(
+                f"policy model: backend {getattr(backend, 'name', '?')!r} cannot score who "
+                "speaks next (use llamacpp or transformers)"
+            )
         self.turns: list[Turn] = []
         self.trace = Trace(
             meta={
@@ -824,12 +828,11 @@ class Council:
                     if delta:
                         yield CouncilEvent("text", turn, delta)
                     finish, message = upd.finish.reason, upd.finish.message
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-            for rec in gen.trace.tokens[written:]:
-                self._add_token(turn, rec)
+        except BaseException:
+            # Ctrl-C, or the caller closed us: the partial turn is kept, marked interrupted.
+            self._finish_turn(turn, gen, it, written, cutter, abort=True)
+            raise
+        self._finish_turn(turn, gen, it, written, cutter, abort=False)
         tail = cutter.flush()
         if tail:
             yield CouncilEvent("text", turn, tail)
@@ -839,9 +842,32 @@ class Council:
         turn.echoed, turn.skipped = cutter.echoed, cutter.skipped
         turn.finish = finish or "error"
         turn.message = message
-        self._cancel = None
         self._close(turn)
         yield CouncilEvent("end", turn)
+
+    def _finish_turn(
+        self,
+        turn: Turn,
+        gen: Generation,
+        it: Iterator[Any],
+        written: int,
+        cutter: TurnCutter,
+        abort: bool,
+    ) -> None:
+        """Close the generation and put its remaining tokens into the council trace; when the
+        turn is aborted (Ctrl-C, the caller closed the stream), close its record as cancelled."""
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        for rec in gen.trace.tokens[written:]:
+            self._add_token(turn, rec)
+        self._cancel = None
+        if abort and not turn.finish:
+            cutter.flush()
+            turn.text = cutter.text
+            turn.echoed, turn.skipped = cutter.echoed, cutter.skipped
+            turn.finish, turn.message = "cancelled", "stopped by the user"
+            self._close(turn)
 
     def _context_spans(self, backend: Backend, request: GenerationRequest) -> list[list[int]]:
         """Where each earlier voice turn's text sits among the prompt's token positions (for
