@@ -569,12 +569,20 @@ class Conductor:
             elif (
                 self.structure is not None
                 and not self._queue
+                and not self._boundary_due
                 and self.block_tokens >= self.structure.block_budget(self.max_tokens)
                 and self.block_text
             ):
                 # The block used its budget: end it here so the next voice comes in time.
                 self._boundary_due = True
-                self._enqueue(self.vocab.marker_ids("\n\n") if self.vocab else [], None)
+                gap = (
+                    ""
+                    if self.tail.endswith("\n\n")
+                    else "\n"
+                    if self.tail.endswith("\n")
+                    else "\n\n"
+                )
+                self._enqueue(self.vocab.marker_ids(gap) if (self.vocab and gap) else [], None)
             if not self._queue and self._boundary_due and self.at_line_start:
                 self._boundary_due = False
                 self._choose(score, prefix="")
@@ -685,7 +693,9 @@ class Conductor:
             return
         first = not self.blocks
         if st is not None and not first:
-            n_max = st.max_blocks or len(self._allowed(first=True)) or 1
+            n_max = st.max_blocks or sum(
+                1 for v in self.voices.voices if v.syntax == "bracket" and v.name not in self.muted
+            )
             if len(self.blocks) >= n_max and self.block_text:
                 self._enqueue(sorted(vocab.eog)[:1], None)
                 return
