@@ -460,6 +460,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """Start the OpenAI-compatible proxy (see :mod:`thoughtform.proxy`)."""
+    from .proxy.cli import run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark and print its numbers (``--json`` for one JSON object)."""
     if args.what == "parse":
@@ -472,6 +479,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         res = bench_backend(
             tokens=args.tokens, transformers=not args.no_transformers, threads=args.threads
         )
+    elif args.what == "steer":
+        from .bench.steer import bench_steer
+
+        res = bench_steer(tokens=args.tokens or 200)
+    elif args.what == "proxy":
+        from .bench.proxy import bench_proxy
+
+        res = bench_proxy(tokens=args.tokens or 200)
     else:
         from .bench.ui import bench_ui
 
@@ -727,8 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="benchmarks (parse, backend, ui)")
-    p.add_argument("what", choices=["parse", "backend", "ui"])
+    p = sub.add_parser("proxy", help="OpenAI-compatible proxy: voices, steering, recording")
+    from .proxy.cli import add_arguments as _proxy_arguments
+
+    _proxy_arguments(p)
+    p.set_defaults(func=cmd_proxy)
+
+    p = sub.add_parser("bench", help="benchmarks (parse, backend, steer, ui, proxy)")
+    p.add_argument("what", choices=["parse", "backend", "steer", "ui", "proxy"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--size-mb", type=float, default=10.0)
     p.add_argument("--tokens", type=int, default=0)
