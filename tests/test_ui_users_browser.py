@@ -52,6 +52,11 @@ def session_labels(page: Any) -> list[str]:
 
 
 def rename(page: Any, title: str) -> None:
+    # The picker and name box refresh after a reply: rename once that has happened.
+    page.wait_for_function(
+        "() => document.querySelector('#session input').value.includes(' 2 msg')",
+        timeout=10_000,
+    )
     page.locator("#session-title input, #session-title textarea").first.fill(title)
     page.click("#rename")
     page.wait_for_function(
@@ -129,6 +134,11 @@ def test_two_users_stay_apart_and_take_turns(browser: Any, server: Server) -> No
     roles = bob.eval_on_selector_all("#tf-wb .tf-msg", "ms => ms.map(m => m.dataset.role)")
     assert roles == ["user", "assistant"]
     assert bob.get_attribute("#tf-wb .tf-msg[data-role=assistant]", "data-status") == "done"
+    # With a login, a typed server path (the sessions database, say) is refused.
+    ann.get_by_role("tab", name="Dataset").click()
+    ann.locator("#ds-path input, #ds-path textarea").first.fill(str(server.db))
+    ann.click("#ds-open")
+    ann.get_by_text("server paths only on loopback without a login").first.wait_for(timeout=10_000)
     assert ann.errors == [] and bob.errors == []
     ann.context.close()
     bob.context.close()
