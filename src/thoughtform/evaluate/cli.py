@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     a.add_argument("--save", default=None, help="write prompts and both replies to this JSONL")
     a.add_argument("--json", action="store_true", help="print one JSON object")
+    from .council import add_council_parser
+
+    add_council_parser(sub)
     return p
 
 
@@ -74,6 +77,10 @@ def _training(dataset: str | None, voices: str) -> list[list[dict[str, str]]]:
 def cli_eval(argv: list[str]) -> int:
     """Run ``thoughtform eval ...`` with ``argv``; 0 on success, 2 on a user mistake."""
     args = build_parser().parse_args(argv)
+    if args.what == "council":
+        from .council import cli_council_eval
+
+        return cli_council_eval(args)
     from ..voices import VoiceSetError, resolve_voice_set
     from . import adherence as A
 
