@@ -166,3 +166,20 @@ def test_seeded_replies_repeat_with_steering(voices_model: Any) -> None:
     b = run(voices_model, "Why do cats purr?", plan, seed=9, n=40)
     assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
     assert a.voice_choices == b.voice_choices
+
+
+def test_structure_as_gbnf_parses_in_llama_cpp_and_holds(plain_model: Any) -> None:
+    from thoughtform.steer import Structure, structure_gbnf
+
+    g = structure_gbnf(VS, Structure(min_blocks=2, max_blocks=3, first="Echo"), mute=["Doubt"])
+    assert plain_model._grammar_ok(g)
+    plan = steer_plan(VS, structure=True, order=["first=Echo", "max-blocks=3"], mute=["Doubt"])
+    st = ChatSettings(model=None, seed=2, max_tokens=100, steer=plan, structure_by="grammar")
+    for p in PROMPTS[:3]:
+        req = build_request(st, VS, [("user", p)])
+        assert req.grammar is not None
+        tr = Generation(plain_model, req, VS, steer=st.conductor_plan).run()
+        names = voices_of(tr)
+        assert form_check(tr.text, VS).ok and names[0] == "Echo", tr.text
+        assert "Doubt" not in names and len(names) <= 3
+        assert all(a != b for a, b in zip(names, names[1:], strict=False))

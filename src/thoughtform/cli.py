@@ -236,6 +236,7 @@ def chat_settings(args: argparse.Namespace, vs: VoiceSet) -> Any:
         voice_prompt=not args.no_voice_prompt,
         system=args.system or "",
         steer=plan,
+        structure_by=args.structure_by,
     )
 
 
@@ -277,7 +278,7 @@ def _run_generation(
         vs,
         starts_in=args.starts_in,
         trace_path=args.trace,
-        steer=settings.steer,
+        steer=settings.conductor_plan,
     )
     finish = None
     it = iter(gen)
@@ -531,6 +532,13 @@ def cmd_council(args: argparse.Namespace) -> int:
     return cli_council(list(args.rest))
 
 
+def cmd_vectors(args: argparse.Namespace) -> int:
+    """Delegate to voice vectors (``vectors train|path|list|show``)."""
+    from .vectors.cli import cli_vectors
+
+    return cli_vectors(list(args.rest))
+
+
 # -- argument parser -------------------------------------------------------------------------
 
 
@@ -617,6 +625,14 @@ def _gen_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a reply that always parses: 2..N declared voice blocks, no voice twice in a row,"
         " nothing outside voices, blocks bounded in length (default: off)",
+    )
+    g.add_argument(
+        "--structure-by",
+        choices=["conductor", "grammar"],
+        default="conductor",
+        help="how --structure is enforced: the conductor masks and forces tokens (any voice"
+        " choice rule), or a GBNF grammar (llamacpp's grammar sampler; no max-per-voice)"
+        " (default: conductor)",
     )
     g.add_argument(
         "--order",
@@ -774,6 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("council", help="an inner chat: voices take turns", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_council)
+
+    p = sub.add_parser("vectors", help="voice vectors: train, path, list, show", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_vectors)
     return ap
 
 
@@ -782,6 +802,7 @@ _DELEGATED: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
     "council": cmd_council,
+    "vectors": cmd_vectors,
 }
 
 

@@ -50,6 +50,16 @@ class ChatSettings:
     voice_prompt: bool = True
     system: str = ""
     steer: SteerPlan = field(default_factory=SteerPlan)
+    # How --structure is enforced on llamacpp: "conductor" (masking and forcing, token by token)
+    # or "grammar" (the same structure as GBNF through llama.cpp's grammar sampler).
+    structure_by: str = "conductor"
+
+    @property
+    def conductor_plan(self) -> SteerPlan:
+        """The plan the conductor runs (without the structure when a grammar enforces it)."""
+        if self.structure_by == "grammar" and self.steer.structure is not None:
+            return replace(self.steer, structure=None)
+        return self.steer
 
     @property
     def sampling(self) -> Sampling:
@@ -153,12 +163,18 @@ def build_request(
         # The voices model was trained without a system prompt; the voice prompt only confuses
         # it (the plain model needs it, and still rarely follows it: form 0.00 in the eval).
         voice_prompt = (settings.model or "").strip() != EMBEDDED_VOICES
+    grammar = None
+    if settings.structure_by == "grammar" and settings.steer.structure is not None:
+        from .steer import structure_gbnf
+
+        grammar = structure_gbnf(voices, settings.steer.structure, settings.steer.mute)
     return GenerationRequest(
         messages=build_messages(voices, history, settings.system, voice_prompt),
         sampling=settings.sampling,
         alternatives=settings.alternatives,
         attention=settings.attention,
         logit_lens=settings.logit_lens,
+        grammar=grammar,
     )
 
 
