@@ -239,7 +239,9 @@ def test_streaming_and_whole_replies_carry_voices_and_are_recorded(tmp_path: Pat
 
 def test_reasoning_voices_go_out_in_both_reasoning_fields(tmp_path: Path) -> None:
     be = ReplayBackend(text=REPLY)
-    with proxy(tmp_path, backend=be, reasoning_voices=("doubt",), strip_markers=True) as (srv, _):
+    with proxy(
+        tmp_path, backend=be, reasoning_voices=("doubt",), strip_markers=True, owner="ana"
+    ) as (srv, db):
         c = client(srv)
         reasoning, content = [], []
         for ch in c.chat.completions.create(model="m", messages=HI, stream=True):
@@ -256,6 +258,8 @@ def test_reasoning_voices_go_out_in_both_reasoning_fields(tmp_path: Path) -> Non
         extra = whole.model_extra or {}
         assert extra["reasoning_content"] == extra["reasoning"] == "Really? [x](y)\n\n"
         assert whole.content == "I do not know where I end.\n\nQuiet now."
+        # Recorded for the workbench user named by --owner (a login shows users their own).
+        assert {x.owner for x in wait_done(db, 2)} == {"ana"}
 
 
 def test_models_health_completions_and_errors_in_openai_shape(tmp_path: Path) -> None:

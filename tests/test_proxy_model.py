@@ -136,7 +136,7 @@ def test_embedded_ten_concurrent_streams(embedded: tuple[str, Path]) -> None:
         c = sdk(url)
         barrier.wait()
         content, per, final, _ = stream_all(
-            c, messages=[{"role": "user", "content": prompt}], max_tokens=12, seed=i
+            c, messages=[{"role": "user", "content": prompt}], max_tokens=8, seed=i
         )
         assert all(final["segments"][k["segment"]]["voice"] == k["voice"] for k, _ in per)
         return prompt, content, final["session"]
@@ -181,7 +181,7 @@ def test_llama_server_upstream(llama_server: str, tmp_path: Path) -> None:
         c = sdk(srv.url)
         assert c.models.list().data[0].id.endswith(".gguf")
         content, per, final, _ = stream_all(
-            c, messages=ASK, max_tokens=24, temperature=0.0, logprobs=True, top_logprobs=2
+            c, messages=ASK, max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=2
         )
         assert content and final["finish"] in ("stop", "length")
         items = [it for _, lp in per if lp is not None for it in lp.content or []]
@@ -190,10 +190,21 @@ def test_llama_server_upstream(llama_server: str, tmp_path: Path) -> None:
         m = reply_of(db, final["session"])
         assert m.text == content and all(t.logprob is not None for t in m.tokens)
         assert all(1 <= len(t.top) <= 3 for t in m.tokens)
-        whole = c.chat.completions.create(model="m", messages=ASK, max_tokens=24, temperature=0.0)
+        whole = c.chat.completions.create(model="m", messages=ASK, max_tokens=16, temperature=0.0)
         assert whole.choices[0].message.content == content  # greedy: the same reply
         assert tf(whole.choices[0].message)["segments"]
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(
                 model="m", messages=ASK, extra_body={"thoughtform": {"next_voice": "Nobody"}}
             )
+        # Steering reaches a server too (the openai backend's stop-and-continue; this server
+        # can prefill a raw prompt, not a chat reply).
+        steered = c.completions.create(
+            model="m",
+            prompt="Q: Is the sea blue?\nA:\n",
+            max_tokens=16,
+            temperature=0.0,
+            extra_body={"thoughtform": {"next_voice": "Doubt"}},
+        )
+        assert steered.choices[0].text.startswith("[Doubt]")
+        assert tf(steered.choices[0])["segments"][0]["voice"] == "Doubt"

@@ -394,7 +394,9 @@ class Reply:
         }
         if req.steer is not None:
             meta["steer"] = req.steer.to_dict()
-        self.exchange = svc.recorder.begin(req.messages, svc.voices.to_dict(), settings, meta)
+        self.exchange = svc.recorder.begin(
+            req.messages, svc.voices.to_dict(), settings, meta, owner=cfg.owner
+        )
 
     def _close(
         self, gen: Generation | None, finish: FinishEvent | None, collected: list[Piece]

@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--db", help="SQLite sessions file (default: the workbench's)")
     p.add_argument("--no-record", action="store_true", help="do not record exchanges")
+    p.add_argument(
+        "--owner",
+        default="",
+        help="workbench user the recorded sessions belong to (serve with a login shows a user"
+        " only their own sessions; default: shared)",
+    )
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--max-tokens", type=int, default=1024, help="when a request names none")
     p.add_argument(
@@ -61,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         voice_prompt=args.voice_prompt,
         db=args.db,
         record=not args.no_record,
+        owner=args.owner.strip(),
         workers=args.workers,
         max_body=args.max_body,
         max_tokens=args.max_tokens,

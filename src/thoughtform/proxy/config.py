@@ -41,6 +41,7 @@ class ProxyConfig:
     voice_prompt: bool = False
     db: str | None = None
     record: bool = True
+    owner: str = ""  # the workbench user recorded sessions belong to ('' = shared)
     workers: int = 1
     max_body: int = MAX_BODY_BYTES
     max_tokens: int = 1024  # when the request names none

@@ -32,6 +32,7 @@ class Exchange:
     settings: dict[str, Any]
     messages: list[tuple[str, str]]
     meta: dict[str, Any]
+    owner: str = ""
     sid: str | None = None
     message_id: int | None = None
     failed: str | None = None
@@ -72,15 +73,17 @@ class Recorder:
         voice_set: dict[str, Any],
         settings: dict[str, Any],
         meta: dict[str, Any],
+        owner: str = "",
     ) -> Exchange:
-        """Start recording an exchange: a session with the client's messages and a reply
-        marked ``streaming``."""
+        """Start recording an exchange: a session (``owner``'s, '' = shared) with the client's
+        messages and a reply marked ``streaming``."""
         ex = Exchange(
             title=title_for(messages),
             voice_set=voice_set,
             settings={"recorded": True, "source": SOURCE, **settings},
             messages=list(messages),
             meta={"source": SOURCE, **meta},
+            owner=owner,
         )
         self._q.put(("begin", ex, None))
         return ex
@@ -141,7 +144,7 @@ class Recorder:
     def _begin(self, ex: Exchange) -> None:
         try:
             sid = self.store.create_session(
-                title=ex.title, voice_set=ex.voice_set, settings=ex.settings
+                title=ex.title, voice_set=ex.voice_set, settings=ex.settings, owner=ex.owner
             )
             ex.sid = sid
             for role, content in ex.messages:
