@@ -282,3 +282,16 @@ def test_bans_cost_a_lookup_after_the_first_scan(vocab: Vocab) -> None:
     b = c._mute_bans(frozenset({"Echo"}))
     assert isinstance(a, np.ndarray) and np.array_equal(a, b)
     assert any(isinstance(k, tuple) and k[0] == "line" for k in vocab._cache)
+
+
+def test_voice_vectors_follow_the_parsed_voice(vocab: Vocab) -> None:
+    plan = SteerPlan(vectors={"Doubt": 1.5}, whole_vectors={"Pulse": 0.5})
+    c = Conductor(VOICES, plan.resolved(VOICES))
+    c.bind(vocab)
+    assert c.step().vector == (("Pulse", 0.5),)
+    drive(c, tokenize("[Doubt]"))
+    assert c.step().vector == (("Pulse", 0.5),)  # the marker is not confirmed yet
+    drive(c, tokenize("\n hello"))
+    assert c.step().vector == (("Pulse", 0.5), ("Doubt", 1.5))
+    drive(c, tokenize("\n\n[Echo]\n world"))
+    assert c.step().vector == (("Pulse", 0.5),)  # Echo has no vector: Doubt's is cleared

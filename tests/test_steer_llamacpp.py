@@ -183,3 +183,33 @@ def test_structure_as_gbnf_parses_in_llama_cpp_and_holds(plain_model: Any) -> No
         assert form_check(tr.text, VS).ok and names[0] == "Echo", tr.text
         assert "Doubt" not in names and len(names) <= 3
         assert all(a != b for a, b in zip(names, names[1:], strict=False))
+
+
+def test_voice_vectors_switch_at_the_voice_boundary(voices_model: Any, tmp_path: Any) -> None:
+    from thoughtform.vectors.cvec import ControlVector, write_control_vector
+
+    rng = np.random.default_rng(0)
+    n_embd = voices_model.n_embd
+    for voice in ("Doubt", "Pulse"):
+        dirs = {layer: rng.standard_normal(n_embd).astype(np.float32) for layer in range(8, 20)}
+        write_control_vector(ControlVector(dirs, name=voice), tmp_path / f"{voice}.gguf")
+    plan = SteerPlan(next_voice="Doubt", vectors={"Doubt": 4.0}, vector_dir=str(tmp_path))
+    plain = SteerPlan(next_voice="Doubt")
+    a = run(voices_model, "Is the sea blue?", plan.resolved(VS), seed=4, n=24)
+    b = run(voices_model, "Is the sea blue?", plain.resolved(VS), seed=4, n=24)
+    marker = [t for t in a.tokens if t.forced]
+    assert marker and all(t.vector is None for t in marker)  # set from the marker's end on
+    body = [t for t in a.tokens if not t.forced and t.voice == "Doubt"]
+    assert body and all(t.vector == [["Doubt", 4.0]] for t in body)
+    # Same prompt, seed and marker: the block's first token was sampled from logits computed
+    # before the vector was set (the marker's own decode), so it is the same; the vector acts on
+    # every token decoded after it and so on the distribution of the next one.
+    first = len(marker)
+    assert a.tokens[first].logprob == pytest.approx(b.tokens[first].logprob, abs=1e-6)
+    assert a.tokens[first].token_id == b.tokens[first].token_id
+    assert a.tokens[first + 1].logprob != pytest.approx(b.tokens[first + 1].logprob, abs=1e-3) or (
+        a.tokens[first + 1].token_id != b.tokens[first + 1].token_id
+    )
+    # Cleared after the reply: the next unsteered run is the unsteered one again.
+    c = run(voices_model, "Is the sea blue?", plain.resolved(VS), seed=4, n=24)
+    assert [t.token_id for t in c.tokens] == [t.token_id for t in b.tokens]

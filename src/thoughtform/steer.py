@@ -92,14 +92,22 @@ class SteerPlan:
     voice_sampling: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
     structure: Structure | None = None
     score_voices: bool = True  # who speaks next at every boundary (where the backend can)
-    # voice -> strength of its voice vector while it speaks; "*" for the whole reply
+    # voice -> strength of its voice vector while that voice speaks (switched at boundaries)
     vectors: Mapping[str, float] = field(default_factory=dict)
+    # voice -> strength of its vector over the whole reply (llama.cpp's --control-vector-scaled)
+    whole_vectors: Mapping[str, float] = field(default_factory=dict)
+    vector_dir: str | None = None  # a vector directory or shipped set; None: the shipped "seed"
 
     @property
     def controls(self) -> bool:
         """Whether the plan changes sampling at all (scoring alone only observes)."""
         return bool(
-            self.next_voice or self.mute or self.voice_sampling or self.structure or self.vectors
+            self.next_voice
+            or self.mute
+            or self.voice_sampling
+            or self.structure
+            or self.vectors
+            or self.whole_vectors
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +119,8 @@ class SteerPlan:
             "structure": None if self.structure is None else self.structure.__dict__.copy(),
             "score_voices": self.score_voices,
             "vectors": dict(self.vectors),
+            "whole_vectors": dict(self.whole_vectors),
+            "vector_dir": self.vector_dir,
         }
 
     @classmethod
@@ -140,6 +150,8 @@ class SteerPlan:
             structure=structure,
             score_voices=bool(d.get("score_voices", True)),
             vectors={str(k): float(v) for k, v in (d.get("vectors") or {}).items()},
+            whole_vectors={str(k): float(v) for k, v in (d.get("whole_vectors") or {}).items()},
+            vector_dir=str(d["vector_dir"]) if d.get("vector_dir") else None,
         )
 
     def resolved(self, voices: VoiceSet) -> SteerPlan:
@@ -542,15 +554,15 @@ class Conductor:
         return t, p
 
     def _vector(self) -> tuple[tuple[str, float], ...]:
-        vec = self.plan.vectors
-        if not vec:
+        """Voice vectors in force for the next token: the whole-reply ones, plus the speaking
+        voice's own from its marker on (tokens already in the KV cache keep theirs)."""
+        plan = self.plan
+        if not plan.vectors and not plan.whole_vectors:
             return ()
-        out = []
-        if "*" in vec:
-            out.append(("*", vec["*"]))
-        s = vec.get(self.voice)
-        if s is not None and self.voice in self.blocks[-1:]:
-            out.append((self.voice, s))
+        out = [(k, float(v)) for k, v in plan.whole_vectors.items() if v]
+        s = plan.vectors.get(self.voice)
+        if s and self.blocks and self.blocks[-1] == self.voice:
+            out.append((self.voice, float(s)))
         return tuple(out)
 
     @property

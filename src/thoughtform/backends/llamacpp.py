@@ -202,7 +202,8 @@ class LlamaCppBackend:
         self._vocab: Any = None
         self._formatter = self._make_formatter()
         self._eos = self._llm.token_eos()
-        self._cvec_key: Any = None
+        self._cvec_key: Any = ()
+        self._vector_sets: dict[str, Any] = {}
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -381,21 +382,26 @@ class LlamaCppBackend:
 
     def _set_vector(self, spec: tuple[tuple[str, float], ...], conductor: Any) -> None:
         """Put the voice vectors of ``spec`` ((voice, strength) pairs) into the context; one
-        buffer upload per change (a boundary), nothing per token."""
+        buffer upload per change (a voice boundary), nothing per token."""
         if spec == self._cvec_key:
             return
         self._cvec_key = spec
         if not spec:
             self._c.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, 0, 0)
             return
-        from ..vectors import cvec_buffer, vectors_for  # type: ignore[attr-defined]
+        from ..vectors.cvec import cvec_buffer
+        from ..vectors.sets import load_vector_set
 
-        loaded = vectors_for(conductor.plan, [v for v, _ in spec], conductor.voices)
-        pairs = [(loaded[v], s) for v, s in spec if v in loaded]
-        if not pairs:
+        where = (conductor.plan.vector_dir if conductor is not None else None) or "seed"
+        vset = self._vector_sets.get(where)
+        if vset is None:
+            vset = load_vector_set(where)
+            self._vector_sets[where] = vset
+        pairs = [(cv, s) for v, s in spec if (cv := vset.get(v)) is not None]
+        buf, il_start, il_end = cvec_buffer(pairs, self._n_embd, self._n_layer)
+        if buf.size == 0:
             self._c.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, 0, 0)
             return
-        buf, il_start, il_end = cvec_buffer(pairs, self._n_embd, self._n_layer)
         ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         rc = self._c.llama_set_adapter_cvec(
             self._ctx, ptr, buf.size, self._n_embd, il_start, il_end
