@@ -212,6 +212,8 @@ def chat_settings(args: argparse.Namespace, vs: VoiceSet) -> Any:
             structure=args.structure,
             order=args.order or (),
             score_voices=not args.no_voice_scores,
+            voice_vectors=args.voice_vectors,
+            whole_vectors=args.vector or (),
         )
     except SteerError as e:
         raise UserError(str(e)) from None
@@ -640,6 +642,22 @@ def _gen_options(p: argparse.ArgumentParser) -> None:
         metavar="RULE",
         help="with --structure: first=NAME, never-first=NAME, max-per-voice=N, min-blocks=N,"
         " max-blocks=N, block-tokens=N; repeatable (default: none)",
+    )
+    g.add_argument(
+        "--voice-vectors",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="steer each voice from inside the model with its voice vector while it speaks;"
+        " DIR is a vector directory (default without DIR: the shipped seed vectors; off when"
+        " not given). Strengths: the voice set's 'vector' field, else the set's defaults",
+    )
+    g.add_argument(
+        "--vector",
+        action="append",
+        metavar="NAME=S",
+        help="apply voice NAME's vector at strength S to the whole reply, repeatable"
+        " (default: none)",
     )
     g.add_argument(
         "--no-voice-scores",

@@ -187,9 +187,16 @@ def steer_plan(
     order: Iterable[str] = (),
     score_voices: bool = True,
     vectors: Mapping[str, float] | None = None,
+    voice_vectors: str | None = None,
+    whole_vectors: Iterable[str] = (),
 ) -> SteerPlan:
     """A checked steering plan from user-level options (names resolved against ``voices``);
-    raises SteerError with a one-line reason."""
+    raises SteerError with a one-line reason.
+
+    ``voice_vectors`` names a vector directory or shipped set ("" or "seed": the shipped one):
+    every voice with a vector there gets it while it speaks, at the strength its voice set gives
+    (``vector:``) or the set's default. ``whole_vectors`` are ``NAME=STRENGTH`` items applied to
+    the whole reply (what llama.cpp's ``--control-vector-scaled`` does)."""
     vs = (
         dict(voice_sampling)
         if isinstance(voice_sampling, Mapping)
@@ -199,13 +206,40 @@ def steer_plan(
     st: Structure | None = parse_order(order) if (structure or order) else None
     if order and not structure:
         raise SteerError("--order needs --structure")
+    per_voice = dict(vectors or {})
+    whole: dict[str, float] = {}
+    vector_dir = None
+    for item in whole_vectors:
+        name, sep, val = item.partition("=")
+        try:
+            whole[name.strip()] = float(val) if sep else 1.0
+        except ValueError:
+            raise SteerError(f"vector {item!r}: expected NAME=STRENGTH") from None
+    if voice_vectors is not None or whole:
+        from .vectors.cvec import VectorFileError
+        from .vectors.sets import load_vector_set
+
+        vector_dir = voice_vectors or "seed"
+        try:
+            vset = load_vector_set(vector_dir)
+        except VectorFileError as e:
+            raise SteerError(str(e)) from None
+        for name in whole:
+            if vset.get(name) is None:
+                raise SteerError(f"vector {name!r}: not in {vset.path}")
+        if voice_vectors is not None:
+            for v in voices.voices:
+                if v.name not in per_voice and vset.get(v.name) is not None:
+                    per_voice[v.name] = vset.strength(v.name, voices)
     plan = SteerPlan(
         next_voice=next_voice or None,
         mute=frozenset(mute),
         voice_sampling=vs,
         structure=st,
         score_voices=score_voices,
-        vectors=dict(vectors or {}),
+        vectors=per_voice,
+        whole_vectors=whole,
+        vector_dir=vector_dir,
     )
     plan = plan.resolved(voices)
     if plan.next_voice and plan.next_voice in plan.mute:
