@@ -306,14 +306,20 @@ class LlamaCppBackend:
 
     # -- the low-level loop ----------------------------------------------------------------------
 
-    def _decode(self, items: Sequence[tuple[int, int, int, bool]]) -> None:
-        """Decode ``(token, position, seq, want_logits)`` items in one batch."""
+    def _decode(self, items: Sequence[tuple[int, int, int | Sequence[int], bool]]) -> None:
+        """Decode ``(token, position, seq or seqs, want_logits)`` items in one batch (a token
+        may belong to several sequences: a prefix they share is decoded once)."""
         b = self._batch
         for i, (tok, pos, seq, want) in enumerate(items):
             b.token[i] = tok
             b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
+            if isinstance(seq, int):
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+            else:
+                b.n_seq_id[i] = len(seq)
+                for k, q in enumerate(seq):
+                    b.seq_id[i][k] = q
             b.logits[i] = want
         b.n_tokens = len(items)
         rc = self._c.llama_decode(self._ctx, b)
@@ -361,20 +367,34 @@ class LlamaCppBackend:
         per = N_SEQ_MAX - 1
         for a in range(0, len(multi), per):
             group = multi[a : a + per]
-            items: list[tuple[int, int, int, bool]] = []
-            rows: list[tuple[int, int]] = []  # (sequence index, next token) per logits row
-            for j, (i, s) in enumerate(group):
+            # One batch item per distinct prefix: every marker starts with "[", which is then
+            # decoded once for all of them (21 -> 14 tokens for the seed voices).
+            node: dict[tuple[int, ...], int] = {}
+            items: list[tuple[int, int, list[int], bool]] = []
+            for j, (_, s) in enumerate(group):
                 self._c.llama_memory_seq_cp(self._mem, 0, j + 1, -1, -1)
                 for t in range(len(s) - 1):
-                    items.append((s[t], n_past + t, j + 1, True))
-                    rows.append((i, s[t + 1]))
+                    key = tuple(s[: t + 1])
+                    k = node.get(key)
+                    if k is None:
+                        node[key] = len(items)
+                        items.append((s[t], n_past + t, [j + 1], True))
+                    else:
+                        items[k][2].append(j + 1)
             if len(items) > N_BATCH:
                 raise BackendError("markers too long to score in one batch")
             try:
                 self._decode(items)
-                for r, (i, nxt) in enumerate(rows):
-                    row = self._logits(r)
-                    out[i] += float(row[nxt]) - L.log_partition(row)
+                row_lz: dict[int, tuple[np.ndarray, float]] = {}
+                for i, s in group:
+                    for t in range(len(s) - 1):
+                        r = node[tuple(s[: t + 1])]
+                        got = row_lz.get(r)
+                        if got is None:
+                            row = self._logits(r)
+                            got = (row, L.log_partition(row))
+                            row_lz[r] = got
+                        out[i] += float(got[0][s[t + 1]]) - got[1]
             finally:
                 for j in range(len(group)):
                     self._c.llama_memory_seq_rm(self._mem, j + 1, -1, -1)
