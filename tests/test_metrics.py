@@ -172,3 +172,19 @@ def test_transition_matrix() -> None:
     assert order2 == order and m2[1][1] == 1 and m2[1][2] == 2
     assert transition_matrix([]) == ([], [])
     assert transition_matrix([Segment("Echo", "x", 0, 1)]) == (["Echo"], [[0]])
+
+
+def test_model_transition_matrix_averages_boundaries_after_each_voice() -> None:
+    from thoughtform.metrics import model_transition_matrix
+
+    choices = [
+        {"token": 0, "probs": {"A": 0.5, "B": 0.3}, "chosen": "A"},
+        {"token": 9, "probs": {"A": 0.1, "B": 0.6}, "chosen": "B"},
+        {"token": 20, "probs": {"A": 0.4, "B": 0.2}, "chosen": "A"},
+        {"token": 31, "probs": {"A": 0.3, "B": 0.4}, "chosen": None},
+    ]
+    names, m = model_transition_matrix(choices)
+    assert names == ["A", "B"]
+    assert m[0] == pytest.approx([(0.1 + 0.3) / 2, (0.6 + 0.4) / 2])  # after A: two boundaries
+    assert m[1] == pytest.approx([0.4, 0.2])  # after B: one
+    assert model_transition_matrix([]) == ([], [])

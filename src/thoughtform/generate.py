@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +78,7 @@ class Generation:
         meta: dict[str, Any] | None = None,
         cancel: threading.Event | None = None,
         steer: SteerPlan | None = None,
+        conduct: bool = True,
     ) -> None:
         self.backend = backend
         self.voices = resolve_voice_set(voices)
@@ -87,7 +88,7 @@ class Generation:
         # The conductor is the one way back from what the parser sees into sampling. Without a
         # plan it only scores who speaks next (where the backend can) and steers nothing.
         self.conductor: Conductor | None = request.conductor
-        if self.conductor is None and (steer is not None or self.voices.voices):
+        if self.conductor is None and conduct and (steer is not None or self.voices.voices):
             self.conductor = make_conductor(request, self.voices, steer, starts_in)
             request = dataclasses.replace(request, conductor=self.conductor)
         self.request = request
@@ -248,3 +249,31 @@ class Generation:
             self._write_segments(closed_only=False)
             self._writer.end(self.trace.finish)
         return Update(events=events, resolved=resolved, finish=finish, choices=choices)
+
+
+def replay_generation(
+    tokens: Sequence[TokenRecord], voices: VoiceSet | str | None, starts_in: str | None = None
+) -> Generation:
+    """Recorded tokens through the same pipeline as a live reply (parser, segments, each
+    token's voice), nothing steered: how stored replies are re-read with another voice set."""
+    from .backends.base import Sampling
+    from .backends.replay import ReplayBackend
+
+    return Generation(
+        ReplayBackend(trace=Trace(tokens=list(tokens))),
+        GenerationRequest(sampling=Sampling(max_tokens=0)),
+        voices,
+        starts_in=starts_in,
+        conduct=False,
+    )
+
+
+def revoice(
+    tokens: Sequence[TokenRecord], voices: VoiceSet | str | None, starts_in: str | None = None
+) -> list[str]:
+    """Which voice owns each token under ``voices``: the one rule every view uses (a token
+    holding text and the start of a marker stays with the text; a marker-only token belongs
+    to the voice it opens)."""
+    trace = replay_generation(tokens, voices, starts_in).run()
+    vs = resolve_voice_set(voices)
+    return [t.voice or vs.default_voice for t in trace.tokens]

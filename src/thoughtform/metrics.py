@@ -170,3 +170,37 @@ def transition_matrix(
     for a, b in itertools.pairwise(seq):
         m[idx[a]][idx[b]] += 1
     return order, m
+
+
+def model_transition_matrix(
+    choices: Iterable[dict[str, object]], order: Sequence[str] | None = None
+) -> tuple[list[str], list[list[float]]]:
+    """The model's own voice transitions: at each boundary after a block of voice A (the
+    previous boundary's chosen voice), its who-speaks-next probabilities of every voice B,
+    averaged per A. Rows are "from", columns "to"; a row with no boundary stays zeros. The
+    reply-start boundary (no voice before it) is left out. Compare with
+    :func:`transition_matrix` of the segments: what the model wanted vs what was said."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    names: list[str] = list(order or [])
+    prev: str | None = None
+    for c in choices:
+        probs = c.get("probs")
+        chosen = c.get("chosen")
+        if isinstance(probs, dict):
+            for v in probs:
+                if v not in names:
+                    names.append(str(v))
+            if prev is not None:
+                rows.setdefault(prev, []).append(
+                    {str(k): float(p) for k, p in probs.items() if isinstance(p, (int, float))}
+                )
+        if isinstance(chosen, str):
+            if chosen not in names:
+                names.append(chosen)
+            prev = chosen
+    m = [[0.0] * len(names) for _ in names]
+    for a, dists in rows.items():
+        i = names.index(a)
+        for j, b in enumerate(names):
+            m[i][j] = sum(d.get(b, 0.0) for d in dists) / len(dists)
+    return names, m

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..parse import Segment, VoiceParser, parse_text
+from ..parse import Segment, parse_text
 from ..trace import TokenRecord, Trace
 from ..voices import MAIN_COLOR, PRESETS, VoiceSet, resolve_voice_set, voice_set_from_dict
 
@@ -136,27 +136,13 @@ def _segments(trace: Trace, vs: VoiceSet) -> list[Segment]:
 
 
 def _token_voices(trace: Trace, vs: VoiceSet) -> list[str]:
-    """Each token's voice: recorded, or recovered by re-parsing (first voice wins, as in
-    :class:`~thoughtform.generate.Generation`)."""
+    """Each token's voice: recorded, or recovered by the pipeline's own rule (revoice)."""
     toks = trace.tokens
     if all(t.voice is not None for t in toks):
         return [t.voice or "" for t in toks]
-    parser = VoiceParser(vs, starts_in=_starts_in(trace))
-    voice_of: dict[int, str] = {}
-    for i, t in enumerate(toks):
-        for e in parser.feed(t.text, i):
-            for k in e.tokens:
-                voice_of.setdefault(k, e.voice)
-    for e in parser.close():
-        for k in e.tokens:
-            voice_of.setdefault(k, e.voice)
-    out: list[str] = []
-    prev = vs.default_voice
-    for i, t in enumerate(toks):
-        v = t.voice or voice_of.get(i) or prev
-        out.append(v)
-        prev = v
-    return out
+    from ..generate import revoice
+
+    return revoice(toks, vs, starts_in=_starts_in(trace))
 
 
 def _marker_spans(segs: list[Segment]) -> tuple[list[tuple[int, int]], list[int]]:

@@ -20,9 +20,17 @@ from ..voices import VoiceSet, VoiceSetError, resolve_voice_set, voice_set_from_
 from .config import ServeConfig, auth_users, db_path
 from .fairqueue import FairQueue
 from .store import SessionInfo, Store, StoredMessage, valid_session_id
-from .stream import Encoder, Run, payload
+from .stream import Encoder, Run, info_event, payload
+from .voice_defaults import defaults_path, load_default_voices, save_default_voices
 
-BACKENDS = ("llamacpp", "openai", "replay", "transformers")
+def backend_names() -> list[str]:
+    """Backends Settings offers: the built-ins and every installed entry-point plugin."""
+    from ..backends import available_backends
+
+    return available_backends()
+
+
+BACKENDS = tuple(backend_names())  # as installed when the server started
 MAX_PROMPT_CHARS = 100_000
 MAX_RESET_MESSAGES = 400  # a reopened session shows at most this many recent messages
 YIELD_EVERY_S = 0.03  # how often a streaming reply pushes a payload (tokens are batched)
@@ -30,6 +38,18 @@ YIELD_EVERY_S = 0.03  # how often a streaming reply pushes a payload (tokens are
 # Gradio's own queue holds the rest.
 MAX_WAITING_SENDS = 16
 WAIT_BEAT_S = 2.0  # a waiting send re-yields this often, so a page that left is noticed
+
+
+NEW_TITLE = "New session"  # until the first prompt names the session
+
+
+def session_title(prompt: str, limit: int = 60) -> str:
+    """A session's name from its first prompt: one line, at most ``limit`` characters."""
+    words = " ".join(prompt.split())
+    if len(words) <= limit:
+        return words or NEW_TITLE
+    cut = words[:limit].rsplit(" ", 1)[0] or words[:limit]
+    return cut + "…"
 
 
 class WorkbenchError(ValueError):
@@ -122,6 +142,9 @@ class Workbench:
             "alternatives": 5,
             "voice_prompt": bool(c.voice_prompt),
             "system": "",
+            # Telemetry switches (Settings; only backends whose capabilities say so).
+            "attention": False,
+            "logit_lens": False,
             # Steering (legend controls and the Structure switch); see thoughtform.steer.
             "structure": False,
             "muted": [],
@@ -153,6 +176,8 @@ class Workbench:
         s["alternatives"] = int(_num(raw, "alternatives", 5, 0, 20))
         s["voice_prompt"] = bool(raw.get("voice_prompt", True))
         s["system"] = str(raw.get("system") or "")[:20_000]
+        s["attention"] = bool(raw.get("attention", False))
+        s["logit_lens"] = bool(raw.get("logit_lens", False))
         s["structure"] = bool(raw.get("structure", False))
         muted = raw.get("muted") or []
         s["muted"] = (
@@ -189,12 +214,25 @@ class Workbench:
         with self._elock:
             self._encoders.pop(sid, None)
 
+    def _defaults_path(self, user: str | None) -> Path:
+        return defaults_path(self.store.path, self.owner(user))
+
+    def set_default_voices(self, voices: VoiceSet, user: str | None = None) -> None:
+        """Make ``voices`` the set the user's new sessions start with."""
+        try:
+            save_default_voices(self._defaults_path(user), voices)
+        except OSError as e:
+            raise WorkbenchError(f"cannot keep the default voices: {e}") from None
+
     # -- sessions ------------------------------------------------------------------------
 
-    def new_session(self, title: str = "New session", user: str | None = None) -> SessionInfo:
+    def new_session(self, title: str = NEW_TITLE, user: str | None = None) -> SessionInfo:
         """Create a session (the user's, with a login) with the default voices and settings."""
         sid = self.store.create_session(
-            title=title, settings=self.default_settings(), owner=self.owner(user) or ""
+            title=title,
+            settings=self.default_settings(),
+            owner=self.owner(user) or "",
+            voice_set=load_default_voices(self._defaults_path(user)),
         )
         info = self.store.get_session(sid)
         assert info is not None
@@ -251,7 +289,12 @@ class Workbench:
         enc = Encoder(vs)
         msgs = self.store.messages(info.id)
         per_msg = [self._encode_message(enc, m) for m in msgs]
-        evs: list[list[Any]] = [["R"], enc.voices_event(), ["N", info.id, info.title]]
+        evs: list[list[Any]] = [
+            ["R"],
+            enc.voices_event(),
+            ["N", info.id, info.title],
+            info_event(self.settings_of(info), vs),
+        ]
         # A very long session shows its most recent messages (stats still cover all of it).
         skipped = max(0, len(per_msg) - MAX_RESET_MESSAGES)
         if skipped:
@@ -481,6 +524,9 @@ class Workbench:
                 prefix = list(reset_evs)
                 prefix.pop()  # stats come again at the end of the reply
             umsg = self.store.add_message(info.id, "user", text)
+            if n == 0 and info.title == NEW_TITLE:
+                # A session is named after its first prompt until the user renames it.
+                self.store.update_session(info.id, title=session_title(text))
             prefix += enc.text_message(umsg.id, "user", "done", text)
             request = self._request(info, vs, s)
             if s["backend"] == "replay":
@@ -638,8 +684,9 @@ class Workbench:
             _, gen = enc.token_message(m.id, m.role, m.status, m.tokens, m.finish)
             tok = m.tokens[index - base]
             att = tok.attention
+            lens = [str(x) for x in tok.lens] if tok.lens else None
             if att is None:
-                return {"index": index, "text": tok.text, "layers": []}
+                return {"index": index, "text": tok.text, "layers": [], "lens": lens}
             segs = gen.trace.segments
             toks = gen.trace.tokens
             layers = []
@@ -669,7 +716,7 @@ class Workbench:
                         top_rows.append([pos, None, "(prompt)", w])
                 prompt = att.prompt_mass[li] if li < len(att.prompt_mass) else None
                 layers.append({"segments": seg_rows, "top": top_rows, "prompt": prompt})
-            return {"index": index, "text": tok.text, "layers": layers}
+            return {"index": index, "text": tok.text, "layers": layers, "lens": lens}
         return None
 
     # -- files ---------------------------------------------------------------------------

@@ -16,9 +16,12 @@ Events are short arrays (the first item says which)::
     ["O", voice, color, marker, token|null]                                a voice block opens
     ["T", text, token|null]                                                text for that block
     ["C", marker]                                                          the block closes
-    ["K", index, text, voice, logprob, entropy, [[alt, logprob], ...], has_attention]
+    ["K", index, text, voice, logprob, entropy, [[alt, logprob], ...], flags]
+                                          flags: 1 = attention recorded, 2 = logit lens recorded
     ["E", status, message, last_token_wall_time?]                          the message ended
     ["S", [[voice, tokens, mean_logprob, perplexity, mean_entropy], ...], [order, matrix]]
+    ["I", {"backend", "model", "voices", "examples": [prompt, ...]}]     what is active (empty chat)
+    ["!", message]                               an error that belongs to no reply (shown in chat)
 
 Token indices are global to the session (``token_base`` + index in the reply) so lanes share
 one axis. Everything here is data: the browser writes it with ``textContent`` only.
@@ -31,7 +34,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..backends.base import FinishEvent
@@ -45,6 +48,20 @@ from .colors import VoiceColors
 from .store import Store
 
 MAX_ALT_CHARS = 200
+# Offered as buttons in an empty chat: short, everyday, each with room for several voices.
+EXAMPLE_PROMPTS = (
+    "Is the sea blue?",
+    "Should I learn the cello at forty?",
+    "I keep putting off calling my sister. Why?",
+    "What does rain sound like at night?",
+)
+# What an empty model field means, per backend (shown in the empty chat).
+DEFAULT_MODEL_LABEL = {
+    "llamacpp": "embedded (SmolLM2-135M)",
+    "transformers": "embedded (SmolLM2-135M)",
+    "openai": "the server's default",
+    "replay": "the first recording",
+}
 _nonce = itertools.count(1)
 
 
@@ -86,6 +103,37 @@ def payload(
             "ev": events,
         }
     )
+
+
+def info_event(settings: Mapping[str, Any], voices: VoiceSet) -> list[Any]:
+    """What the empty chat shows: backend, model and voice set of the session, example prompts."""
+    backend = str(settings.get("backend") or "")
+    model = str(settings.get("model") or "").strip()
+    if not model:
+        model = DEFAULT_MODEL_LABEL.get(backend, "the backend's default")
+    base = str(settings.get("base_url") or "").strip()
+    if backend == "openai" and base:
+        model = f"{model} at {base}"
+    names = voices.names()
+    shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+    label = f"{voices.name or 'custom'}: {shown}" if names else f"{voices.name or 'custom'}"
+    return [
+        "I",
+        {"backend": backend, "model": model, "voices": label, "examples": list(EXAMPLE_PROMPTS)},
+    ]
+
+
+def error_event(message: object) -> list[Any]:
+    """An error shown as a block in the chat (a reply that could not start, say)."""
+    return ["!", str(message)[:4000]]
+
+
+def ends_in_error(raw: str) -> bool:
+    """Whether payload ``raw`` ends a reply with an error (the prompt then goes back in the box).
+
+    Events are JSON arrays; inside model text the quotes would be escaped, so this substring
+    only ever matches an ``E`` event."""
+    return '["E","error"' in raw
 
 
 class Encoder:
@@ -139,7 +187,7 @@ class Encoder:
                     _r(t.logprob),
                     _r(token_entropy(t)),
                     alts,
-                    1 if t.attention is not None else 0,
+                    (1 if t.attention is not None else 0) | (2 if t.lens else 0),
                 ]
             )
             self.all_tokens.append(t)
@@ -177,17 +225,11 @@ class Encoder:
         finish: dict[str, Any] | None,
     ) -> tuple[list[list[Any]], Generation]:
         """A stored reply replayed through the same pipeline as a live one (same blocks, voices)."""
-        from ..backends.base import GenerationRequest, Sampling
-        from ..backends.replay import ReplayBackend
-        from ..trace import Trace
+        from ..generate import replay_generation
 
         out: list[list[Any]] = [self.message_event(mid, role, status)]
         base = self.tok_base
-        gen = Generation(
-            ReplayBackend(trace=Trace(tokens=list(tokens))),
-            GenerationRequest(sampling=Sampling(max_tokens=0)),
-            self.voices,
-        )
+        gen = replay_generation(tokens, self.voices)
         for upd in gen:
             out += self.parser_events(upd.events, base)
             out += self.token_events(upd.resolved, base)
