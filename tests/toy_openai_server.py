@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import select
+import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -101,6 +104,16 @@ class ToyModel:
         return d[-1][0]
 
 
+def _gone(conn: socket.socket) -> bool:
+    """Whether the client closed this connection (a FIN or RST is waiting)."""
+    if not select.select([conn], [], [], 0)[0]:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 @dataclass
 class ToyServer:
     """The toy model served over HTTP on 127.0.0.1 (a context manager)."""
@@ -108,7 +121,14 @@ class ToyServer:
     scripts: Sequence[tuple[Sequence[str], float]]
     prompt: str = "Q:"
     kind: str = "llama-cpp-python"  # which server to play: vllm, llamacpp, llama-cpp-python, openai
+    delay: float = 0.0  # seconds between streamed tokens
     requests: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    # per generation request (index into generations()): when it came, when its client hung up
+    started: list[float] = field(default_factory=list)
+    hung_up: dict[int, float] = field(default_factory=dict)
+    # per generation request: the earlier streams whose client had not hung up when it came
+    open_at_start: list[list[int]] = field(default_factory=list)
+    _live: dict[int, socket.socket] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.model = ToyModel(self.scripts)
@@ -191,6 +211,10 @@ class ToyServer:
         self.stream(h, body, chat=h.path.endswith("chat/completions"))
 
     def stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any], chat: bool) -> None:
+        index = len(self.started)
+        self.started.append(time.monotonic())
+        self.open_at_start.append([i for i, c in self._live.items() if not _gone(c)])
+        self._live[index] = h.connection
         reply = self.reply_of(body)
         banned = frozenset(
             self.model.vocab[int(k)]
@@ -217,11 +241,14 @@ class ToyServer:
                 top = [(p, math.log(q)) for p, q in d[:n_top] if p != EOS]
                 self._send(h, chat, piece, lp, top, want_lp, None)
                 text += piece
+                time.sleep(self.delay)
             self._send(h, chat, "", None, [], False, finish)
             h.wfile.write(b"data: [DONE]\n\n")
             h.wfile.flush()
         except OSError:  # the client hung up (the steering client does, to cut a reply)
-            return
+            self.hung_up[index] = time.monotonic()
+        finally:
+            self._live.pop(index, None)
 
     @staticmethod
     def _send(

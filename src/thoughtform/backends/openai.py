@@ -1370,6 +1370,12 @@ class _Steer:
                     if hit is None:
                         continue
                     events, verdict = self._boundary(hit)
+                    if verdict != "continue":
+                        # Hang up before anything else: the server stops at its next write,
+                        # and a one-slot server would queue the next request behind this one.
+                        sub.close()
+                    if verdict == "repick":
+                        events, verdict = self._repick(hit)
                     for out in events:
                         yield self._emit(out, sampled=not out.forced and not out.steered)
                     if verdict == "continue":
@@ -1384,7 +1390,8 @@ class _Steer:
 
     def _boundary(self, hit: _Hit) -> tuple[list[TokenEvent], str]:
         """Apply the conductor at a voice marker: the events to emit and what next ("continue"
-        this stream, "cut" it and continue with a new request, or "REASON:message")."""
+        this stream, "cut" it and continue with a new request, "repick" the muted marker's
+        token once the stream is closed, or "REASON:message" to end the reply)."""
         cond = self.cond
         probs: dict[str, float] | None = None
         if cond.plan.score_voices and hit.at != self.scored_at:
@@ -1409,7 +1416,7 @@ class _Steer:
                     f"error:muted voice {v} started and this server ({self.b.server_kind()})"
                     " cannot continue a chat reply without it; send a raw prompt (completions)"
                 )
-            return self._repick(hit)
+            return [], "repick"
         if probs is not None:
             cond.record_choice(probs, forced=False)
         self.voice = v
