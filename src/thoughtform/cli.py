@@ -353,6 +353,100 @@ def cmd_chat(args: argparse.Namespace) -> int:
         backend.close()
 
 
+def _load_trace_arg(path: str) -> Any:
+    try:
+        return load_trace(path)
+    except TraceError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    """Branch a recorded reply at a token: an alternative token, any text, or another voice."""
+    from .loom import Fork, LoomError, branch, trace_voice_set
+
+    parent = _load_trace_arg(args.trace)
+    try:
+        fork = Fork(args.at, token_id=args.token_id, text=args.token, voice=args.voice)
+    except LoomError as e:
+        raise UserError(str(e)) from None
+    vs = trace_voice_set(parent, args.voices)
+    model = args.model or parent.meta.get("model") or "embedded-voices"
+    if model not in ("embedded", "embedded-voices") and not str(model).endswith(".gguf"):
+        model = "embedded-voices" if "voices" in str(model) else "embedded"
+    from .backends import BackendError, create_backend
+
+    try:
+        backend = create_backend("llamacpp", model=None if model == "embedded" else model)
+    except BackendError as e:
+        raise UserError(str(e)) from None
+    try:
+        kids = branch(
+            backend, parent, fork, n=args.n, seed=args.seed, max_tokens=args.max_tokens, voices=vs
+        )
+    except (LoomError, BackendError) as e:
+        raise UserError(str(e)) from None
+    finally:
+        backend.close()
+    out = Path(args.out)
+    if args.n > 1 or out.suffix != ".jsonl":
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"branch-{i + 1}.jsonl" for i in range(len(kids))]
+    else:
+        paths = [out]
+    from rich.console import Console
+
+    from .render.terminal import render_terminal
+
+    console = Console(highlight=False)
+    for p, kid in zip(paths, kids, strict=True):
+        try:
+            kid.save(p)
+        except OSError as e:
+            raise UserError(f"{p}: cannot write: {e.strerror}") from None
+        console.rule(f"{p.name}  {fork.describe()}  seed {kid.meta['branch']['seed']}")
+        render_terminal(kid, vs, console)
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare two branches from their fork, voice by voice."""
+    from .loom import compare
+
+    a, b = _load_trace_arg(args.a), _load_trace_arg(args.b)
+    res = compare(a, b, at=args.at)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"fork at token {res['fork']}")
+    print(f"  A voices: {' > '.join(res['a']['voices']) or '(none)'}")
+    print(f"  B voices: {' > '.join(res['b']['voices']) or '(none)'}")
+    if res["appeared"]:
+        print(f"  appear in B: {', '.join(res['appeared'])}")
+    if res["vanished"]:
+        print(f"  vanish in B: {', '.join(res['vanished'])}")
+    if res["reordered"]:
+        print("  shared voices in another order")
+    for side in ("a", "b"):
+        for v, st in res[side]["stats"].items():
+            print(
+                f"  {side.upper()} {v:12} tokens {st['tokens']:4}  surprisal {st['mean_surprisal']}"
+                f" bits  entropy {st['mean_entropy']}"
+            )
+    pa, pb = res["a"]["forked_token_p_under_b"], res["b"]["forked_token_p_under_a"]
+    if pb is not None:
+        print(f"  p(B's forked token) under A: {pb:.4f}")
+    if pa is not None:
+        print(f"  p(A's forked token) under B: {pa:.4f}")
+    rc = res["reconverge"]
+    print(
+        f"  re-converge: A word {rc['a_word']}, B word {rc['b_word']}: {rc['words']!r}"
+        if rc
+        else "  re-converge: never"
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """The embedded model and its path, the backends installed and their capabilities."""
     from .backends import BUILTIN, available_backends
@@ -482,6 +576,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         res = bench_backend(
             tokens=args.tokens, transformers=not args.no_transformers, threads=args.threads
         )
+    elif args.what == "branch":
+        from .bench.branch import bench_branch
+
+        res = bench_branch(tokens=args.tokens or 64)
     elif args.what == "steer":
         from .bench.steer import bench_steer
 
@@ -705,6 +803,28 @@ def build_parser() -> argparse.ArgumentParser:
     _gen_options(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("branch", help="branch a recorded reply at a token (loom)")
+    p.add_argument("trace", help="the parent trace JSONL")
+    p.add_argument("--at", type=int, required=True, help="token index of the fork")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--token-id", type=int, help="force this token id at the fork")
+    what.add_argument("--token", help="force this text at the fork")
+    what.add_argument("--voice", help="let this voice open at the fork")
+    p.add_argument("--n", type=int, default=1, help="children sampled together (default: 1)")
+    p.add_argument("--seed", type=int, help="seed of the first child; child i gets seed+i")
+    p.add_argument("--max-tokens", type=int, help="new tokens per child (default: the parent's)")
+    p.add_argument("--model", help="embedded | embedded-voices | .gguf (default: the parent's)")
+    p.add_argument("--voices", help="voice set (default: the one recorded in the trace)")
+    p.add_argument("--out", required=True, help="OUT.jsonl for one child, or a directory")
+    p.set_defaults(func=cmd_branch)
+
+    p = sub.add_parser("compare", help="compare two branches voice by voice")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--at", type=int, help="fork index (default: where they first differ)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("models", help="the embedded model and installed backends")
     p.add_argument("--all", action="store_true", help="also load transformers for its capabilities")
     p.set_defaults(func=cmd_models)
@@ -782,8 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
     _proxy_arguments(p)
     p.set_defaults(func=cmd_proxy)
 
-    p = sub.add_parser("bench", help="benchmarks (parse, backend, steer, ui, proxy)")
-    p.add_argument("what", choices=["parse", "backend", "steer", "ui", "proxy"])
+    p = sub.add_parser("bench", help="benchmarks (parse, backend, steer, branch, ui, proxy)")
+    p.add_argument("what", choices=["parse", "backend", "steer", "branch", "ui", "proxy"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--size-mb", type=float, default=10.0)
     p.add_argument("--tokens", type=int, default=0)

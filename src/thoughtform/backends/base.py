@@ -60,6 +60,11 @@ class GenerationRequest:
     # The conductor of this run (set by Generation): backends with token-level control ask it
     # before every token what to force, ban and sample with (see thoughtform.steer).
     conductor: Conductor | None = field(default=None, compare=False, repr=False)
+    # Branching (loom): reply tokens already generated, by id, put in the context after the
+    # prompt exactly as they were (not sampled, not emitted); then ``forced`` ids are emitted
+    # first, as forced tokens, before sampling goes on.
+    prefix: tuple[int, ...] = ()
+    forced: tuple[int, ...] = ()
 
     @property
     def is_chat(self) -> bool:
@@ -138,6 +143,7 @@ class Capabilities:
     # Who speaks next: exact marker probabilities (parallel sequences) or approximate.
     voice_scores: Literal["exact", "approximate", "none"] = "none"
     voice_vectors: bool = False
+    branching: bool = False  # prefix/forced token ids honoured, KV cache reused at the fork
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping."""

@@ -122,6 +122,12 @@ class _Grammar:
             self.smpl = None
 
 
+def _plain_step(base: tuple[float, float], top_k: int) -> Any:
+    from ..steer import Step
+
+    return Step(temperature=base[0], top_p=base[1], top_k=top_k)
+
+
 class LlamaCppBackend:
     """llama.cpp in process (llama-cpp-python); the embedded SmolLM2 GGUF by default."""
 
@@ -242,6 +248,7 @@ class LlamaCppBackend:
             token_control=True,
             voice_scores="exact",
             voice_vectors=True,
+            branching=True,
         )
 
     @property
@@ -448,6 +455,9 @@ class LlamaCppBackend:
                 return
             if not ids:
                 ids = [self._llm.token_bos()]
+            prompt_len = len(ids)
+            ids = ids + list(request.prefix)
+            forced_queue = list(request.forced)
             s = request.sampling
             room = self._n_ctx - len(ids)
             if room <= 0:
@@ -470,7 +480,8 @@ class LlamaCppBackend:
             # A seed promises a repeatable reply: evaluate the whole prompt afresh (a cached
             # prefix changes the batch shapes and so the last bits of the logits); unseeded
             # chats reuse the cached prefix.
-            self._eval_prompt(ids, fresh=s.seed is not None)
+            # A branch keeps the cache of its prefix whatever the seed: that is its point.
+            self._eval_prompt(ids, fresh=s.seed is not None and not request.prefix)
             emitter = TokenEmitter(tuple(s.stop))
             t_first: float | None = None
             reason: FinishReason = "length"
@@ -488,6 +499,9 @@ class LlamaCppBackend:
                     return self.score_sequences(seqs, x, log_z)
 
                 step = conductor.step(score) if conductor is not None else None
+                if forced_queue and (step is None or step.force is None):
+                    step = step or _plain_step(base, s.top_k)
+                    step.force = forced_queue.pop(0)
                 if step is not None and step.vector != self._cvec_key:
                     self._set_vector(step.vector, conductor)
                 forced = False
@@ -562,7 +576,13 @@ class LlamaCppBackend:
             if t_first is not None:
                 timings["first_token_s"] = t_first
             yield FinishEvent(
-                reason, timings=timings, usage={"prompt_tokens": len(ids), "completion_tokens": n}
+                reason,
+                timings=timings,
+                usage={
+                    "prompt_tokens": prompt_len,
+                    "prefix_tokens": len(request.prefix),
+                    "completion_tokens": n,
+                },
             )
         except GeneratorExit:
             raise
@@ -577,6 +597,113 @@ class LlamaCppBackend:
                 except Exception:
                     pass
             self._lock.release()
+
+    def sample_children(
+        self,
+        request: GenerationRequest,
+        n: int,
+        seeds: Sequence[int],
+        cancel: threading.Event | None = None,
+    ) -> list[list[TokenEvent]]:
+        """``n`` continuations of ``request.prefix`` (after its ``forced`` tokens), sampled
+        together: the prefix is decoded once (or reused from the cache) in sequence 0, copied to
+        sequences 1..n-1, and every step decodes one token of every live child in one batch.
+        Telemetry per token as in :meth:`stream`; no conductor (a plain continuation each)."""
+        if not 1 <= n <= N_SEQ_MAX:
+            raise BackendError(f"between 1 and {N_SEQ_MAX} children at once, not {n}")
+        with self._lock:
+            ids = self.prompt_ids(request) or [self._llm.token_bos()]
+            ids = ids + list(request.prefix) + list(request.forced)
+            s = request.sampling
+            room = self._n_ctx - len(ids)
+            if room <= 0:
+                raise BackendError(f"prompt is {len(ids)} tokens; context is {self._n_ctx}")
+            max_new = min(s.max_tokens or room, room)
+            k = max(0, min(request.alternatives, MAX_ALTERNATIVES))
+            self._eval_prompt(ids[: len(ids) - len(request.forced)], fresh=False)
+            # The forced tokens, once, in sequence 0, with the model's telemetry for each.
+            head: list[TokenEvent] = []
+            head_emit = TokenEmitter(())
+            for tok in request.forced:
+                x = np.array(self._logits(-1), dtype=np.float32)
+                log_z, entropy, top_ids = L.summarize(x, k)
+                b = self.piece(tok)
+                top0: tuple[Alternative, ...] = ()
+                if top_ids is not None:
+                    top0 = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
+                ev0 = TokenEvent(
+                    text="",
+                    token_id=tok,
+                    bytes=b,
+                    logprob=float(x[tok]) - log_z,
+                    top=top0,
+                    entropy=entropy,
+                    steered=True,
+                    steered_logprob=0.0,
+                    forced=True,
+                )
+                head.extend(head_emit.push(ev0, b))
+                self._decode([(tok, len(self._past), 0, True)])
+                self._past.append(tok)
+            head.extend(head_emit.flush())
+            for c in range(1, n):
+                self._c.llama_memory_seq_rm(self._mem, c, -1, -1)
+                self._c.llama_memory_seq_cp(self._mem, 0, c, -1, -1)
+            rngs = [np.random.default_rng(int(x)) for x in seeds]
+            out: list[list[TokenEvent]] = [list(head) for _ in range(n)]
+            emitters = [TokenEmitter(tuple(s.stop)) for _ in range(n)]
+            # Forced tokens come first in every child, with their telemetry from the prefix.
+            live = list(range(n))
+            rows = {c: -1 for c in live}  # logits row of each child after the last decode
+            pos = len(ids)
+            steps = 0
+            try:
+                while live and steps < max_new:
+                    if cancel is not None and cancel.is_set():
+                        break
+                    items: list[tuple[int, int, int, bool]] = []
+                    nxt: list[int] = []
+                    for c in live:
+                        x = np.array(self._logits(rows[c]), dtype=np.float32)
+                        log_z, entropy, top_ids = L.summarize(x, k)
+                        tok, _ = L.sample(x, s.temperature, s.top_p, s.top_k, rngs[c])
+                        if self._is_eog(tok):
+                            continue
+                        b = self.piece(tok)
+                        top: tuple[Alternative, ...] = ()
+                        if top_ids is not None:
+                            top = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
+                        ev = TokenEvent(
+                            text="",
+                            token_id=tok,
+                            bytes=b,
+                            logprob=float(x[tok]) - log_z,
+                            top=top,
+                            entropy=entropy,
+                        )
+                        out[c].extend(emitters[c].push(ev, b))
+                        if emitters[c].stopped:
+                            continue
+                        items.append((tok, pos, c, True))
+                        nxt.append(c)
+                    steps += 1
+                    live = nxt
+                    if not live or steps >= max_new:
+                        break
+                    self._decode(items)
+                    rows = {c: i for i, c in enumerate(live)}
+                    if 0 in rows:
+                        self._past.append(items[rows[0]][0])
+                    pos += 1
+            finally:
+                for c in range(1, n):
+                    self._c.llama_memory_seq_rm(self._mem, c, -1, -1)
+                if 0 not in rows or rows.get(0, -1) < 0:
+                    # Sequence 0 stopped early: its cache ends where _past says.
+                    self._c.llama_memory_seq_rm(self._mem, 0, len(self._past), -1)
+            for c in range(n):
+                out[c].extend(emitters[c].flush())
+            return out
 
     def _alternative(self, tok: int, x: np.ndarray, log_z: float) -> Alternative:
         b = self.piece(tok)

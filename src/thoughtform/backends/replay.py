@@ -68,6 +68,10 @@ class ReplayBackend:
                     entropy=t.entropy,
                     attention=t.attention,
                     lens=tuple(t.lens) if t.lens is not None else None,
+                    steered=t.steered,
+                    steered_logprob=t.steered_logprob,
+                    forced=t.forced,
+                    vector=tuple((str(v), float(s)) for v, s in t.vector) if t.vector else (),
                 )
                 for t in trace.tokens
             ]
