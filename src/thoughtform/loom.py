@@ -103,13 +103,12 @@ def parent_request(parent: Trace) -> GenerationRequest:
     )
     raw = m.get("sampling") if isinstance(m.get("sampling"), dict) else {}
     fields = Sampling.__dataclass_fields__
-    sampling = Sampling(
-        **{
-            k: (tuple(v) if k == "stop" else v)
-            for k, v in (raw or {}).items()
-            if k in fields and v is not None
-        }
-    )
+    kw: dict[str, Any] = {
+        k: (tuple(v) if k == "stop" else v)
+        for k, v in (raw or {}).items()
+        if k in fields and v is not None
+    }
+    sampling = Sampling(**kw)
     prompt = m.get("prompt") if isinstance(m.get("prompt"), str) else None
     if not msgs and prompt is None:
         raise LoomError("the parent trace does not record its request (messages or prompt)")
