@@ -234,6 +234,30 @@ def test_user_speaks_as_self_and_as_a_voice() -> None:
         c.say("x", as_voice="Nobody")
 
 
+def test_posts_while_running_join_after_the_turn() -> None:
+    b = ScriptedBackend(as_speaker())
+    c = Council(SEED, MEMBERS, b, "round-robin")
+    c.say("first")
+    kinds = []
+    for ev in c.run(2):
+        kinds.append((ev.kind, ev.turn.index, ev.turn.voice))
+        if ev.kind == "text" and ev.turn.index == 1 and len(kinds) == 2:
+            c.post("a word from me")  # from the event loop, mid-turn
+            c.post("and as Doubt", as_voice="Doubt")
+    assert [(t.voice, t.source, t.text) for t in c.turns] == [
+        (None, "user", "first"),
+        ("Echo", "model", "I am Echo, speaking."),
+        (None, "user", "a word from me"),
+        ("Doubt", "user", "and as Doubt"),
+        ("Doubt", "model", "I am Doubt, speaking."),
+    ]
+    assert ("turn", 2, None) in kinds and ("end", 3, "Doubt") in kinds
+    # The generated turn after the posts saw them.
+    assert b.requests[1].messages[-2:][0].content == "a word from me"
+    with pytest.raises(CouncilError):
+        c.post("x", as_voice="Nobody")
+
+
 def test_per_member_sampling_and_backends() -> None:
     vs = voice_set_from_dict(
         {"voices": [{"name": "Echo"}, {"name": "Doubt", "temperature": 0.2, "top_p": 0.5}]}

@@ -554,6 +554,7 @@ class Council:
         self._rr = 0  # round-robin / list position
         self._cancel: threading.Event | None = None
         self._stopped = threading.Event()
+        self._posts: list[tuple[str, str | None]] = []  # said while a turn ran: applied after it
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -635,6 +636,22 @@ class Council:
             if self.policy == "list":
                 self._rr = 0
         return turn
+
+    def post(self, text: str, as_voice: str | None = None) -> None:
+        """Like :meth:`say`, from any thread while the council runs: the message joins the
+        conversation after the turn in progress (:meth:`run` yields its events then)."""
+        if as_voice:
+            self._canon(as_voice, "speak as")
+        with self._lock:
+            self._posts.append((text, as_voice))
+
+    def _drain_posts(self) -> Iterator[CouncilEvent]:
+        with self._lock:
+            posts, self._posts = self._posts, []
+        for text, voice in posts:
+            t = self.say(text, voice)
+            yield CouncilEvent("turn", t)
+            yield CouncilEvent("end", t)
 
     # -- who speaks next -----------------------------------------------------------------------
 
@@ -739,6 +756,7 @@ class Council:
         """Run up to ``turns`` member turns (fewer when the policy runs out, :meth:`stop` is
         called, or ``pause`` is set between turns)."""
         self._stopped.clear()
+        yield from self._drain_posts()
         for _ in range(max(0, turns)):
             if self._stopped.is_set() or (pause is not None and pause.is_set()):
                 return
@@ -746,6 +764,7 @@ class Council:
             if pick is None or self._stopped.is_set():
                 return
             yield from self._turn(*pick)
+            yield from self._drain_posts()
 
     def step(
         self, voice: str | None = None, probs: Mapping[str, float] | None = None, by: str = "forced"

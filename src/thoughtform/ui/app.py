@@ -350,6 +350,9 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                         cmp_left = gr.HTML(elem_id="cmp-left")
                     with gr.Column():
                         cmp_right = gr.HTML(elem_id="cmp-right")
+            from .council_view import council_tab  # voices taking turns (council_view.py)
+
+            council_tab(wb, request_user)
         settings_fields = [
             s_backend,
             s_model,
