@@ -239,6 +239,7 @@ def chat_settings(args: argparse.Namespace, vs: VoiceSet) -> Any:
         system=args.system or "",
         steer=plan,
         structure_by=args.structure_by,
+        server=args.server_kind,
     )
 
 
@@ -658,6 +659,12 @@ def _gen_options(p: argparse.ArgumentParser) -> None:
         "--base-url", help="OpenAI-compatible server URL (default: env THOUGHTFORM_BASE_URL)"
     )
     p.add_argument("--api-key", help="API key (default: env THOUGHTFORM_API_KEY)")
+    p.add_argument(
+        "--server-kind",
+        choices=["auto", "vllm", "llamacpp", "llama-cpp-python", "openai"],
+        default="auto",
+        help="openai backend: the server behind --base-url, for steering (default: auto, detected)",
+    )
     p.add_argument("--system", help="extra system prompt text (default: none)")
     p.add_argument(
         "--voices",

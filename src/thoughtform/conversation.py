@@ -53,6 +53,8 @@ class ChatSettings:
     # How --structure is enforced on llamacpp: "conductor" (masking and forcing, token by token)
     # or "grammar" (the same structure as GBNF through llama.cpp's grammar sampler).
     structure_by: str = "conductor"
+    # openai backend: which server it talks to, for steering ("auto" detects it).
+    server: str = "auto"
 
     @property
     def conductor_plan(self) -> SteerPlan:
@@ -113,6 +115,7 @@ def backend_options(settings: ChatSettings) -> dict[str, Any]:
             "base_url": base_url,
             "model": model or os.environ.get("THOUGHTFORM_MODEL"),
             "api_key": settings.api_key or os.environ.get("THOUGHTFORM_API_KEY"),
+            "server": settings.server,
         }
     if name == "replay":
         if not settings.model or settings.model in MODEL_CHOICES:
