@@ -414,6 +414,263 @@ def test_export_and_import(page: Any, workdir: Path) -> None:
     assert page.evaluate("window.__pwned") is None
 
 
+# -- the first ten minutes (issue 13): empty chat, errors, scrolling, voices, settings ----------
+
+LEGEND_COLOURS = (
+    "() => Object.fromEntries(Array.from(document.querySelectorAll('#tf-wb .tf-leg'))"
+    ".map(b => [b.dataset.voice, getComputedStyle(b.querySelector('.tf-sw')).backgroundColor]))"
+)
+DISTANCE_TO_BOTTOM = (
+    "() => { const c = document.querySelector('#tf-wb .tf-chat');"
+    " return c.scrollHeight - c.scrollTop - c.clientHeight; }"
+)
+
+
+def toasts(page: Any) -> list[str]:
+    """The text of the toasts on screen."""
+    return list(
+        page.eval_on_selector_all("[data-testid=toast-body]", "ts => ts.map(t => t.innerText)")
+    )
+
+
+def pick_backend(page: Any, name: str) -> None:
+    """Choose a backend in the Settings tab's dropdown, as a person would."""
+    page.locator("#set-backend input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def edit_cell(page: Any, table: str, row: int, col: int, text: str) -> None:
+    """Type ``text`` into one cell of a Gradio table."""
+    page.locator(f'{table} [data-testid="cell-{row}-{col}"]').dblclick()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
+def test_empty_chat_says_what_is_active_and_an_example_sends(page: Any) -> None:
+    welcome = page.locator("#tf-wb .tf-welcome")
+    welcome.wait_for(state="visible")
+    facts = dict(
+        page.eval_on_selector_all(
+            "#tf-wb .tf-welcome dd", "ds => ds.map(d => [d.dataset.fact, d.textContent])"
+        )
+    )
+    assert facts == {
+        "backend": "replay",
+        "model": "voices.jsonl",
+        "voices": "seed: Echo, Resonance, Inner, Thread, Role, Pulse, Doubt, Shift",
+    }
+    examples = page.locator("#tf-wb .tf-example")
+    assert examples.count() >= 3
+    first = examples.first.inner_text()
+    examples.first.click()
+    wait_replies(page, 1)
+    # The example went out as the user's message and the reply streamed as voices.
+    assert [b["text"] for b in blocks(page, "user")] == [first]
+    assert [b["voice"] for b in blocks(page)] == SEED_ORDER
+    assert not welcome.is_visible()
+    # The session is named after its first prompt (sidebar and picker).
+    page.wait_for_function(
+        "(t) => document.querySelector('#session-title textarea, #session-title input').value"
+        " === t",
+        arg=first,
+        timeout=10_000,
+    )
+    assert first in page.input_value("#session input")
+    # A second prompt does not rename it.
+    send(page, "something else entirely")
+    wait_replies(page, 2)
+    time.sleep(0.5)
+    assert page.input_value("#session-title textarea, #session-title input") == first
+
+
+def test_failed_generation_is_an_error_block_and_the_prompt_stays(page: Any) -> None:
+    set_replay(page, '<img src=x onerror="window.__pwned=40">')
+    text = "will this reach a model?"
+    send(page, text)
+    err = page.locator("#tf-wb .tf-msg[data-role=error]")
+    err.wait_for(timeout=15_000)
+    msg = err.locator(".tf-error").inner_text()
+    assert "no recording" in msg and '<img src=x onerror="window.__pwned=40">' in msg
+    assert err.get_attribute("role") == "alert"
+    # Where the user looks: in the chat, the prompt still in the box, no toast for it.
+    assert page.input_value("#prompt textarea") == text
+    assert not [t for t in toasts(page) if "no recording" in t]
+    assert page.evaluate("window.__pwned") is None
+    assert err.locator("img").count() == 0
+    # Fix the setting and send the same text again: it goes through.
+    set_replay(page, "voices.jsonl")
+    page.locator("#prompt textarea").press("Enter")
+    wait_replies(page, 1)
+    assert [b["text"] for b in blocks(page, "user")] == [text]
+    assert page.input_value("#prompt textarea") == ""
+
+
+def test_chat_scrolls_to_the_very_bottom(page: Any) -> None:
+    for k in range(4):
+        send(page, f"message {k}")
+        wait_replies(page, k + 1)
+        # Blocks laid out late (content-visibility) must not leave the view short of the end.
+        page.wait_for_function(f"({DISTANCE_TO_BOTTOM})() <= 1", timeout=5_000)
+    box = page.locator("#tf-wb .tf-chat")
+    sizes = box.evaluate("c => [c.scrollHeight, c.clientHeight]")
+    assert sizes[0] > 2 * sizes[1]  # the test really scrolls
+    last = page.locator("#tf-wb .tf-msg[data-role=assistant]").last.locator(".tf-block").last
+    b, c = last.bounding_box(), box.bounding_box()
+    assert b and c and b["y"] + b["height"] <= c["y"] + c["height"] + 1  # the last block whole
+    # Once the user scrolls up, a streaming reply leaves the view where they put it.
+    box.hover()
+    page.mouse.wheel(0, -600)
+    page.wait_for_function(f"({DISTANCE_TO_BOTTOM})() > 300", timeout=5_000)
+    top = box.evaluate("c => c.scrollTop")
+    send(page, "one more")
+    wait_replies(page, 5)
+    assert abs(box.evaluate("c => c.scrollTop") - top) <= 2
+    # Switching back to the chat view sticks to the bottom again.
+    page.click("#tf-wb .tf-viewtab[data-view=tokens]")
+    page.click("#tf-wb .tf-viewtab[data-view=chat]")
+    page.wait_for_function(f"({DISTANCE_TO_BOTTOM})() <= 1", timeout=5_000)
+
+
+def test_voices_table_adds_and_removes_voices_without_recolouring(page: Any) -> None:
+    # Only Echo declared: Doubt, Pulse, Glimmer and Shift are coloured as they turn up.
+    page.get_by_role("tab", name="Voices").click()
+    page.locator("#voices-yaml .cm-content").fill(
+        "name: mine\nunknown: lenient\nvoices:\n  - name: Echo\n    color: '#BB5500'\n"
+    )
+    page.click("#apply-yaml")
+    page.get_by_role("tab", name="Workbench").click()
+    send(page, "go")
+    wait_replies(page, 1)
+    before = page.evaluate(LEGEND_COLOURS)
+    assert set(before) == {"main", "Echo", "Doubt", "Pulse", "Glimmer", "Shift"}
+    page.get_by_role("tab", name="Voices").click()
+    page.click("#add-voice")
+    page.locator('#voices-table [data-testid="cell-1-0"]').wait_for()
+    edit_cell(page, "#voices-table", 1, 0, "Witness")
+    edit_cell(page, "#voices-table", 1, 6, "0.9")  # temperature
+    page.click("#apply-table")
+    page.get_by_role("tab", name="Workbench").click()
+    page.wait_for_selector("#tf-wb .tf-leg[data-voice=Witness]", timeout=15_000)
+    after = page.evaluate(LEGEND_COLOURS)
+    # Adding a voice recoloured none of the others, and it has a colour of its own.
+    assert {k: after[k] for k in before} == before
+    assert after["Witness"] not in before.values()
+    page.get_by_role("tab", name="Voices").click()
+    assert "temperature: 0.9" in page.locator("#voices-yaml .cm-content").inner_text()
+    # Declaring a voice the session already showed keeps its colour.
+    page.click("#add-voice")
+    page.locator('#voices-table [data-testid="cell-2-0"]').wait_for()
+    edit_cell(page, "#voices-table", 2, 0, "Glimmer")
+    page.click("#apply-table")
+    page.wait_for_function(
+        "() => document.querySelector('#voices-yaml .cm-content').innerText"
+        ".includes('name: Glimmer')",
+        timeout=15_000,
+    )
+    page.get_by_role("tab", name="Workbench").click()
+    assert page.evaluate(LEGEND_COLOURS) == after
+    # Remove Witness: click one of its cells, then the button.
+    page.get_by_role("tab", name="Voices").click()
+    page.locator('#voices-table [data-testid="cell-1-2"]').click()
+    page.click("#remove-voice")
+    page.wait_for_function(
+        "() => !Array.from(document.querySelectorAll('#voices-table [data-testid$=\"-0\"]'))"
+        ".some(c => c.innerText.trim() === 'Witness')",
+        timeout=10_000,
+    )
+    page.click("#apply-table")
+    page.get_by_role("tab", name="Workbench").click()
+    page.wait_for_function(
+        "() => !document.querySelector('#tf-wb .tf-leg[data-voice=Witness]')", timeout=15_000
+    )
+    left = page.evaluate(LEGEND_COLOURS)
+    assert left == {k: v for k, v in after.items() if k != "Witness"}
+
+
+def test_hidden_voices_are_per_session_and_never_hide_the_user(page: Any) -> None:
+    send(page, "plain start\n[Doubt] is it, though?")
+    wait_replies(page, 1)
+    page.click("#tf-wb .tf-leg[data-voice=Doubt]")
+    assert [b["visible"] for b in blocks(page, "user") if b["voice"] == "Doubt"] == [True]
+    assert [b["visible"] for b in blocks(page) if b["voice"] == "Doubt"] == [False]
+    first = session_of(page)
+    other = new_session(page)
+    send(page, "go")
+    wait_replies(page, 1)
+    assert all(b["visible"] for b in blocks(page))  # another session: nothing hidden
+    page.goto(page.url.split("?")[0] + f"?session={first}")
+    page.wait_for_function(
+        "(s) => { const w = document.querySelector('#tf-wb'); return w && w.dataset.session === s; }",
+        arg=first,
+    )
+    page.locator("#tf-wb .tf-msg[data-role=assistant] .tf-block").first.wait_for()
+    assert [b["visible"] for b in blocks(page) if b["voice"] == "Doubt"] == [False]
+    assert page.get_attribute("#tf-wb .tf-leg[data-voice=Doubt]", "aria-pressed") == "false"
+    assert other != first
+
+
+def test_attention_switch_follows_the_backend(page: Any) -> None:
+    page.get_by_role("tab", name="Settings").click()
+    att = page.locator("#set-attention input")
+    lens = page.locator("#set-logit-lens input")
+    assert att.is_disabled() and lens.is_disabled()  # replay records, it cannot attend
+    pick_backend(page, "transformers")
+    page.wait_for_function(
+        "() => !document.querySelector('#set-attention input').disabled", timeout=10_000
+    )
+    assert not lens.is_disabled()
+    model = page.locator("#set-model input, #set-model textarea").first
+    for name in ("embedded-voices", "embedded"):
+        model.fill(name)
+        model.blur()
+        time.sleep(0.5)
+        assert page.inner_text("#set-model-msg").strip() == "", name
+    model.fill("http://127.0.0.1:8080/v1")
+    model.blur()
+    page.wait_for_selector("#set-model-msg .tf-model-msg", timeout=10_000)
+    assert "openai" in page.inner_text("#set-model-msg")
+    att.check()
+    pick_backend(page, "llamacpp")
+    page.wait_for_function(
+        "() => document.querySelector('#set-attention input').disabled", timeout=10_000
+    )
+    assert not att.is_checked()
+    assert "openai" in page.inner_text("#set-model-msg")
+    model.fill("/models/x.gguf")
+    pick_backend(page, "openai")
+    page.wait_for_function(
+        "() => document.querySelector('#set-model-msg').innerText.includes('llamacpp')",
+        timeout=10_000,
+    )
+    # A bad model is not saved: the message stays next to the field.
+    page.click("#save-settings")
+    time.sleep(1)
+    assert "llamacpp" in page.inner_text("#set-model-msg")
+    assert not [t for t in toasts(page) if "saved" in t]
+    # The switches are kept with the session for a backend that has them.
+    pick_backend(page, "transformers")
+    model.fill("embedded-voices")
+    page.wait_for_function(
+        "() => !document.querySelector('#set-attention input').disabled", timeout=10_000
+    )
+    att.check()
+    page.click("#save-settings")
+    page.get_by_text("Settings saved").first.wait_for(timeout=10_000)
+    page.reload()
+    page.wait_for_function(
+        "() => { const w = document.querySelector('#tf-wb'); return w && w.dataset.session; }"
+    )
+    page.get_by_role("tab", name="Settings").click()
+    page.wait_for_function(
+        "() => document.querySelector('#set-attention input').checked", timeout=10_000
+    )
+    assert not page.locator("#set-logit-lens input").is_checked()
+    page.get_by_role("tab", name="Workbench").click()
+    facts = page.eval_on_selector_all("#tf-wb .tf-welcome dd", "ds => ds.map(d => d.textContent)")
+    assert facts[:2] == ["transformers", "embedded-voices"]
+
+
 def test_session_survives_server_restart(browser: Any, server: Server) -> None:
     """Runs last: SIGKILLs the module's server mid-reply, restarts it on the same database."""
     pg = open_page(browser, server.url)

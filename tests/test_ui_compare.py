@@ -12,9 +12,11 @@ from thoughtform.backends import create_backend
 from thoughtform.ui.compare_view import (
     BackendPair,
     compare_html,
-    lanes_html,
+    lanes_frame,
     requests,
     run_pair,
+    summary_frame,
+    voice_colors,
 )
 from thoughtform.voices import PRESETS
 
@@ -39,7 +41,7 @@ def test_requests_share_seed_and_length_and_only_plain_gets_the_voice_prompt() -
 
 def test_side_by_side_blocks_and_lanes_on_a_shared_axis() -> None:
     traces = run_pair(_replay_pair(), "hi")
-    left, right, lanes = compare_html(traces)
+    left, right = compare_html(traces)
     assert re.findall(r'class="tf-block [^"]*" data-voice="(\w+)"', left) == [
         "Echo",
         "Doubt",
@@ -48,15 +50,27 @@ def test_side_by_side_blocks_and_lanes_on_a_shared_axis() -> None:
         "Shift",
     ]
     assert 'data-side="plain"' in left and 'data-side="tuned"' in right
-    # Hostile model text is escaped in the blocks and never reaches the lanes' markup.
+    # Hostile model text is escaped in the blocks.
     assert "<script>" not in right and "&lt;script&gt;" in right
-    assert "<script" not in lanes and "<img" not in lanes
-    # 79 vs 120 tokens: the longer reply spans the full 600 px, the shorter 79/120 of it.
-    assert 'data-tokens="120"' in lanes
-    assert re.findall(r'<rect x="0" y="0" width="([\d.]+)"', lanes) == ["395.0", "600.0"]
-    segs = re.findall(r'data-voice="(\w+)" data-from="(\d+)" data-to="(\d+)"', lanes)
-    assert segs[:2] == [("Echo", "0", "17"), ("Doubt", "17", "34")]
-    assert all(re.fullmatch(r"#[0-9A-F]{6}", c) for c in re.findall(r'fill="([^"]+)"', lanes))
+    # Lanes: one row per token on one axis (79 and 120 tokens), each with its voice.
+    lanes = lanes_frame(traces)
+    by_model = {m: g for m, g in lanes.groupby("model")}
+    first = by_model["plain + voice prompt"]
+    assert first["token"].max() < 79 and by_model["tuned (embedded-voices)"]["token"].max() < 120
+    echo = first[first["voice"] == "Echo"]["token"]
+    doubt = first[first["voice"] == "Doubt"]["token"]
+    assert (echo.min(), echo.max(), doubt.min(), doubt.max()) == (0, 16, 17, 33)
+    # Summary: tokens per voice per model add up to the tokens in segments.
+    summary = summary_frame(traces)
+    got = {(m, v): t for m, v, t in summary[["model", "voice", "tokens"]].itertuples(index=False)}
+    assert got[("plain + voice prompt", "Echo")] == 17
+    assert got[("plain + voice prompt", "Doubt")] == 17
+    assert sum(t for (m, _), t in got.items() if m.startswith("plain")) == len(first)
+    # Colours: declared voices theirs, Glimmer its own, all valid hex.
+    colors = voice_colors(traces)
+    assert colors["Echo"] == "#BB5500"
+    assert all(re.fullmatch(r"#[0-9A-F]{6}", c) for c in colors.values())
+    assert len(set(colors.values())) == len(colors)
 
 
 def test_lanes_are_deterministic_and_pair_is_made_once() -> None:
@@ -68,9 +82,9 @@ def test_lanes_are_deterministic_and_pair_is_made_once() -> None:
 
     pair = BackendPair(factory)
     assert pair.get() is pair.get() and made == [1]
-    a = lanes_html(run_pair(pair.get(), "x"))
-    b = lanes_html(run_pair(pair.get(), "x"))
-    assert a == b
+    a = lanes_frame(run_pair(pair.get(), "x"))
+    b = lanes_frame(run_pair(pair.get(), "x"))
+    assert a.equals(b)
     with pytest.raises(ValueError):
         run_pair(pair.get(), "   ")
 
@@ -108,11 +122,13 @@ def test_compare_tab_in_chromium(tmp_path: Path) -> None:
             box = page.locator("#cmp-prompt textarea")
             box.fill("Should I learn the cello?")
             page.click("#cmp-run")
-            page.wait_for_selector("#cmp-lanes .tf-lanes", timeout=90_000)
+            page.wait_for_selector("#cmp-left .tf-cmp-col", timeout=90_000)
             for side in ("left", "right"):
                 n = page.locator(f"#cmp-{side} .tf-block[data-voice]").count()
                 assert n >= 1, side
-            assert page.locator("#cmp-lanes svg.tf-lane").count() == 2
+            # Lanes and their summary are Gradio's plots.
+            page.wait_for_selector("#cmp-lanes canvas, #cmp-lanes svg", timeout=30_000)
+            page.wait_for_selector("#cmp-summary canvas, #cmp-summary svg", timeout=30_000)
             tuned = page.eval_on_selector_all(
                 "#cmp-right .tf-block", "bs => bs.map(b => b.dataset.voice)"
             )

@@ -391,3 +391,131 @@ def test_backend_dying_mid_stream_keeps_the_partial_reply(tmp_path: Path) -> Non
     ev = json.loads(pl)["ev"]
     assert ["E", "error"] == next(e for e in ev if e[0] == "E")[:2]
     wb.close()
+
+
+class _ScoresVoices:
+    """A backend that says who speaks next at each boundary the way an HTTP backend does
+    (``Conductor.record_choice``), then writes that voice's block."""
+
+    name = "scores"
+
+    def stream(self, request: Any, cancel: Any = None) -> Any:
+        from thoughtform.backends.base import FinishEvent, TokenEvent
+
+        c = request.conductor
+        c.record_choice({"Echo": 0.6, "Doubt": 0.3, "Pulse": 0.05}, approximate=False)
+        yield TokenEvent(text="[Echo]")
+        yield TokenEvent(text=" the rain.\n")
+        c.record_choice({"Echo": 0.1, "Doubt": 0.7, "Pulse": 0.15}, forced=True)
+        yield TokenEvent(text="[Doubt]")
+        yield TokenEvent(text=" or <b>not</b>.")
+        yield FinishEvent("stop")
+
+    def close(self) -> None:
+        pass
+
+
+def test_voice_choices_stream_persist_and_feed_the_model_matrix(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path)
+    wb.backend_for = lambda s: _ScoresVoices()  # type: ignore[method-assign]
+    _, tab = wb.reset_payload(None)
+    live1, tab = collect(wb, tab, "first")
+    live2, tab = collect(wb, tab, "second")
+    w1 = [e for e in flat(live1) if e[0] == "W"]
+    # One W per boundary, global token indices (the block's first token), who opened it.
+    assert [(e[1], e[3], e[4], e[5]) for e in w1] == [(0, "Echo", 0, 0), (2, "Doubt", 1, 1)]
+    assert dict(map(tuple, w1[0][2])) == {"Echo": 0.6, "Doubt": 0.3, "Pulse": 0.05}
+    # Each W comes after the O of the block it chose (the page puts it at that block).
+    evs = flat(live1)
+    o_doubt = next(i for i, e in enumerate(evs) if e[0] == "O" and e[1] == "Doubt")
+    assert evs.index(w1[1]) > o_doubt
+    w2 = [e for e in flat(live2) if e[0] == "W"]
+    assert [e[1] for e in w2] == [4, 6]  # the second reply's tokens follow the first's
+    # Kept with the stored reply: a reload shows the same W events.
+    msgs = wb.store.messages(tab.sid or "")
+    kept = msgs[1].finish["voice_choices"]  # type: ignore[index]
+    assert [c["chosen"] for c in kept] == ["Echo", "Doubt"] and kept[1]["forced"] is True
+    pl, _ = wb.reset_payload(tab.sid)
+    reset = json.loads(pl)["ev"]
+    assert [e for e in reset if e[0] == "W"] == w1 + w2
+    # Stats: the observed matrix, and the model's own: after Echo it wanted Doubt at 0.7
+    # (each reply's opening boundary has no voice before it, so no Doubt -> Echo row).
+    stats = reset[-1]
+    assert stats[0] == "S" and len(stats) == 4
+    order, mat = stats[3]
+    assert order[:2] == stats[2][0][:2]
+    e, d = order.index("Echo"), order.index("Doubt")
+    assert mat[e][d] == pytest.approx(0.7) and mat[e][e] == pytest.approx(0.1)
+    assert sum(mat[d]) == 0.0
+    last_live_stats = [x for x in flat(live2) if x[0] == "S"][-1]
+    assert last_live_stats[3] == stats[3]
+    wb.close()
+
+
+def test_stored_choices_ignore_malformed_records() -> None:
+    from thoughtform.ui.stream import Encoder, stored_choices, with_choices
+    from thoughtform.voices import resolve_voice_set
+
+    fin = with_choices({"reason": "stop"}, [{"token": 0, "probs": {"Echo": 1.0}}])
+    assert fin == {"reason": "stop", "voice_choices": [{"token": 0, "probs": {"Echo": 1.0}}]}
+    assert with_choices({"reason": "stop"}, []) == {"reason": "stop"}
+    bad = {"voice_choices": [1, "x", {"probs": "no"}, {"token": "7", "probs": {"Echo": "nan"}}]}
+    got = stored_choices(bad)
+    assert len(got) == 1
+    ev = Encoder(resolve_voice_set("seed")).choice_events(got, 10)
+    assert ev == [["W", None, [], None, 0, 0]]  # a non-numeric token or p never reaches the page
+    assert stored_choices(None) == [] and stored_choices({"voice_choices": {}}) == []
+
+
+def test_legend_steering_actions_and_state(tmp_path: Path) -> None:
+    from thoughtform.ui.steer_view import steer_action
+
+    wb = make_wb(tmp_path)
+    _, tab = wb.reset_payload(None)
+    sid = tab.sid or ""
+    got = steer_action(wb, sid, "mute", "doubt", None)  # names resolve like the voice set's
+    assert got == {"ok": True, "muted": ["Doubt"], "next": None}
+    got = steer_action(wb, sid, "next", "Echo", None)
+    assert got == {"ok": True, "muted": ["Doubt"], "next": "Echo"}
+    # The reloaded page gets the state with the I event.
+    info = next(e for e in json.loads(wb.reset_payload(sid)[0])["ev"] if e[0] == "I")[1]
+    assert info["muted"] == ["Doubt"] and info["next_voice"] == "Echo"
+    assert info["structure"] is False
+    assert steer_action(wb, sid, "next", "Echo", None)["next"] is None  # again: cleared
+    assert steer_action(wb, sid, "mute", "Doubt", None)["muted"] == []  # toggled back
+    steer_action(wb, sid, "next", "Doubt", None)
+    # Muting the pending next voice clears it.
+    got = steer_action(wb, sid, "mute", "Doubt", None)
+    assert got == {"ok": True, "muted": ["Doubt"], "next": None}
+    steer_action(wb, sid, "mute", "Doubt", None)
+    bad = steer_action(wb, sid, "mute", "<Nobody>", None)
+    assert bad["ok"] is False and "unknown voice" in bad["error"]
+    assert steer_action(wb, sid, "explode", "Echo", None)["ok"] is False
+    assert steer_action(wb, 42, "mute", "Echo", None)["ok"] is False
+    assert steer_action(wb, "no-such-session-id", "mute", "Echo", None)["ok"] is False
+    # "next" is used by one reply: the stored setting is cleared once it is sent.
+    steer_action(wb, sid, "next", "Pulse", None)
+    _, tab = collect(wb, tab, "go")
+    assert steer_action(wb, sid, "state", "", None) == {"ok": True, "muted": [], "next": None}
+    wb.close()
+
+
+def test_recorded_sessions_are_labelled_and_keep_the_mark(tmp_path: Path) -> None:
+    wb = make_wb(tmp_path)
+    plain = wb.new_session().id
+    rec = wb.store.create_session(
+        title="from an app", settings={"recorded": True, "source": "proxy", "backend": "replay"}
+    )
+    labels = dict((sid, label) for label, sid in wb.session_choices())
+    assert labels[rec].startswith("● Recorded · from an app")
+    assert "Recorded" not in labels[plain]
+    # Saving settings or muting a voice in a recorded session keeps it recorded.
+    wb.save_settings(rec, {"backend": "replay", "max_tokens": 5})
+    from thoughtform.ui.steer_view import steer_action
+
+    steer_action(wb, rec, "mute", "Echo", None)
+    info = wb.session_info(rec)
+    assert info is not None and info.settings["recorded"] is True
+    assert info.settings["source"] == "proxy" and info.settings["max_tokens"] == 5
+    assert "Recorded" in dict((s, lab) for lab, s in wb.session_choices())[rec]
+    wb.close()

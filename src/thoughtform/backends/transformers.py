@@ -3,6 +3,11 @@
 Runs its own token-by-token loop over the KV cache, so every step sees the full logits (exact
 logprobs and entropy), the attention rows and the hidden states. A GGUF (e.g. the embedded
 SmolLM2) is dequantized once and cached as safetensors, so later loads take about a second.
+``embedded-voices`` is that model with the shipped voices LoRA (``thoughtform.adapters``) added to
+its weights, the same model llama.cpp runs for that name.
+
+Nothing here downloads: every loader runs offline (``local_files_only``, hub offline mode), and a
+name that is neither a local path nor already in the local Hugging Face cache is a BackendError.
 
 Telemetry conventions:
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,6 +56,7 @@ from .base import (
 )
 
 CACHE_FORMAT = 1  # bump when the cached layout changes, so stale caches are not reused
+VOICES_MODEL = "embedded-voices"  # the embedded model + the shipped voices adapter
 MAX_ALTERNATIVES = 20
 TOP_POSITIONS = 8
 MIN_SEGMENT_MASS = 1e-4
@@ -179,6 +186,84 @@ def _save_cache(model: Any, tokenizer: Any, target: Path, source: Path) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def hub_offline() -> None:
+    """Put the Hugging Face libraries in offline mode for this process: thoughtform never
+    downloads. The environment covers libraries not imported yet; huggingface_hub reads it once
+    at import (Gradio imports it before any backend exists), so its flag is set too."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        setattr(hub, "HF_HUB_OFFLINE", True)  # noqa: B010  (a module global, set on purpose)
+
+
+def not_local(spec: object) -> BackendError:
+    """The error for a model name that would need a download."""
+    return BackendError(
+        f"model {spec} is not a local path or a cached model; thoughtform never downloads"
+    )
+
+
+def _unpermute_rows(w: Any, n_head: int) -> Any:
+    """Undo llama.cpp's rotary row permutation (``train.export.permute_rows``): within each head
+    rows ``[x0, y0, x1, y1, ...]`` go back to ``[x0, x1, ..., y0, y1, ...]``."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise BackendError(f"cannot un-permute {rows} rows into {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def apply_gguf_lora(model: Any, path: str | os.PathLike[str]) -> int:
+    """Add a llama.cpp GGUF LoRA to ``model``'s weights in place (``W += alpha/r * B @ A``);
+    return how many matrices changed.
+
+    The file is in llama.cpp's layout (``train.export`` wrote it so): q/k ``B`` rows are in its
+    rotary order, which transformers undoes when it reads a GGUF, so they are un-permuted here."""
+    import torch
+
+    from ..train.export import PERMUTED_ARCHS, TENSOR_NAMES, read_lora_gguf
+
+    try:
+        meta, arrays = read_lora_gguf(Path(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise BackendError(f"{path}: not a readable GGUF LoRA ({e})") from None
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise BackendError(f"{path}: not a GGUF LoRA adapter")
+    alpha = float(meta.get("adapter.lora.alpha") or 0)
+    permuted = str(meta.get("general.architecture")) in PERMUTED_ARCHS
+    cfg = model.config
+    n_head = int(cfg.num_attention_heads)
+    n_head_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+    module_of = {v: k for k, v in TENSOR_NAMES.items()}  # attn_q -> q_proj ...
+    layers = model.get_decoder().layers
+    changed = 0
+    for name, a in arrays.items():
+        if not name.endswith(".weight.lora_a"):
+            continue
+        blk, layer, kind = name.split(".")[:3]
+        b = arrays.get(name[:-1] + "b")
+        module = module_of.get(kind)
+        if blk != "blk" or b is None or module is None:
+            raise BackendError(f"{path}: unexpected LoRA tensor {name}")
+        if permuted and module in ("q_proj", "k_proj"):
+            b = _unpermute_rows(b, n_head if module == "q_proj" else n_head_kv)
+        part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        weight = getattr(getattr(layers[int(layer)], part), module).weight
+        scale = alpha / a.shape[0] if alpha else 1.0
+        delta = torch.from_numpy(b @ a).to(weight.dtype) * scale
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise BackendError(
+                f"{path}: {name} makes {tuple(delta.shape)}, the model's weight is "
+                f"{tuple(weight.shape)} (an adapter for another model?)"
+            )
+        with torch.no_grad():
+            weight.add_(delta)
+        changed += 1
+    if not changed:
+        raise BackendError(f"{path}: the adapter has no LoRA tensors")
+    return changed
+
+
 @dataclass
 class Loaded:
     """A loaded model with its tokenizer and how it was obtained."""
@@ -199,12 +284,16 @@ def load_model(
     attn_implementation: str = "eager",
     cache_dir: str | Path | None = None,
 ) -> Loaded:
-    """Load an HF model directory, a local hub id, or a GGUF (cached as safetensors)."""
+    """Load an HF model directory, a hub id already in the local cache, a GGUF (cached as
+    safetensors), ``embedded`` or ``embedded-voices``; never from the network."""
+    if dtype not in _DTYPES:
+        raise BackendError(f"unsupported dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
+    hub_offline()
+    if isinstance(spec, str) and spec.strip() == VOICES_MODEL:
+        return _load_voices(device, dtype, attn_implementation, cache_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise BackendError(f"unsupported dtype {dtype!r} (use one of {', '.join(_DTYPES)})")
     torch_dtype = getattr(torch, dtype)
     t0 = time.perf_counter()
     where = resolve_model(spec)
@@ -228,14 +317,22 @@ def load_model(
             cache_path = gguf_cache_dir(gguf, cache_dir)
             name = gguf.name
             if (cache_path / _DONE).exists():
-                tok = AutoTokenizer.from_pretrained(cache_path)
-                model = AutoModelForCausalLM.from_pretrained(cache_path, dtype=torch_dtype, **kw)
+                tok = AutoTokenizer.from_pretrained(cache_path, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(
+                    cache_path, dtype=torch_dtype, local_files_only=True, **kw
+                )
                 source = "cache"
             else:
                 # Dequantize to float32 once; the cache keeps full precision for any dtype.
-                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                tok = AutoTokenizer.from_pretrained(
+                    gguf.parent, gguf_file=gguf.name, local_files_only=True
+                )
                 model = AutoModelForCausalLM.from_pretrained(
-                    gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kw
+                    gguf.parent,
+                    gguf_file=gguf.name,
+                    dtype=torch.float32,
+                    local_files_only=True,
+                    **kw,
                 )
                 _save_cache(model, tok, cache_path, gguf)
                 model = model.to(torch_dtype)
@@ -252,11 +349,37 @@ def load_model(
     except BackendError:
         raise
     except (OSError, ValueError) as e:
+        if not isinstance(where, Path):
+            # A name that is not on disk: only the local HF cache was looked at, and it is not there.
+            raise not_local(where) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BackendError(f"cannot load model {where}: {first}") from None
     model.to(device)
     model.eval()
     return Loaded(model, tok, name, source, time.perf_counter() - t0, cache_path)
+
+
+def _load_voices(
+    device: str, dtype: str, attn_implementation: str, cache_dir: str | Path | None
+) -> Loaded:
+    """The embedded model with the shipped voices adapter merged into its float32 weights."""
+    import torch
+
+    from ..adapters import voices_adapter_path
+
+    adapter = voices_adapter_path()
+    if not adapter.is_file():
+        raise BackendError(f"{adapter}: voices adapter not built (run `make adapter`)")
+    t0 = time.perf_counter()
+    # Merge at full precision (the cache holds float32), then cast: ~0.3 s for 210 matrices here.
+    base = load_model(None, "cpu", "float32", attn_implementation, cache_dir)
+    n = apply_gguf_lora(base.model, adapter)
+    base.model.to(getattr(torch, dtype)).to(device)
+    base.model.eval()
+    base.name = VOICES_MODEL
+    base.info = {"adapter": str(adapter), "lora_matrices": n, "base_source": base.source}
+    base.load_s = time.perf_counter() - t0
+    return base
 
 
 # ---------------------------------------------------------------------------- streaming helpers
@@ -385,6 +508,16 @@ class TransformersBackend:
     """Generates with a local ``transformers`` causal LM, reporting full-logit telemetry."""
 
     name = "transformers"
+    #: What this backend can do before a model is loaded (the workbench enables its Attention
+    #: and Logit lens switches from this; ``capabilities`` then says what the model allows).
+    CAPABILITIES = Capabilities(
+        logprobs=True,
+        max_alternatives=MAX_ALTERNATIVES,
+        exact_entropy=True,
+        attention=True,
+        logit_lens=True,
+        logit_bias=True,
+    )
 
     def __init__(
         self,
@@ -422,6 +555,7 @@ class TransformersBackend:
         self._closed = False
         self._bytes = token_bytes_table(self.tokenizer)
         self._eos = self._eos_ids()
+        self._vocab: Any = None
         self._norm, self._head = self._lens_modules()
         self._cache_kw = self._cache_kwarg()
         self.n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
@@ -442,6 +576,9 @@ class TransformersBackend:
             grammar=False,
             chat=bool(getattr(self.tokenizer, "chat_template", None)),
             completion=True,
+            token_control=True,
+            voice_scores="exact",
+            voice_vectors=True,
         )
 
     @property
@@ -550,6 +687,11 @@ class TransformersBackend:
                 gen.seed()
             bias = self._bias_tensors(request.logit_bias)
             limit = s.max_tokens if s.max_tokens and s.max_tokens > 0 else 0
+            conductor = request.conductor
+            hooks = None
+            if conductor is not None:
+                conductor.bind(self.vocab())
+                hooks = self._vector_hooks(conductor.plan)
             with torch.inference_mode():
                 cache = self._new_cache()
                 tp = time.perf_counter()
@@ -588,19 +730,57 @@ class TransformersBackend:
                     if bias is not None:
                         logits = raw_logits.clone()
                         logits.index_add_(0, bias[0], bias[1])
-                    tid = _sample(logits, s.temperature, s.top_k, s.top_p, gen)
+
+                    def score(seqs: Any, raw: Any = raw_logits, kv: Any = cache) -> list[float]:
+                        return self._score_sequences(seqs, raw, kv)
+
+                    step = conductor.step(score) if conductor is not None else None
+                    forced = False
+                    steered = bias is not None
+                    slp: float | None = None
+                    if step is not None and hooks is not None:
+                        if step.vector != hooks.active:
+                            hooks.set_many([(v, x) for v, x in step.vector if v in hooks])
+                    if step is not None and step.force is not None:
+                        tid, forced, steered, slp = int(step.force), True, True, 0.0
+                    else:
+                        temp, top_p, top_k = s.temperature, s.top_p, s.top_k
+                        if step is not None:
+                            temp, top_p, top_k = step.temperature, step.top_p, step.top_k
+                            steered = steered or (temp, top_p) != (s.temperature, s.top_p)
+                            if step.ban is not None and step.ban.size:
+                                logits = logits.clone()
+                                logits[torch.as_tensor(step.ban, device=logits.device)] = float(
+                                    "-inf"
+                                )
+                                steered = True
+                        tid = _sample(logits, temp, top_k, top_p, gen)
+                        if steered:
+                            slp = float(torch.log_softmax(logits / max(temp, 1e-6), -1)[tid])
+                        if step is not None and step.intercept and conductor is not None:
+                            tid2, forced = conductor.intercept(tid, score)
+                            if forced:
+                                tid, steered, slp = int(tid2), True, 0.0
                     if tid in self._eos:
                         reason = "stop"
                         break
                     ev = self._token_event(
                         tid,
-                        logits,
+                        raw_logits,  # the model's own distribution, whatever steering did
                         k_alt,
                         self._attention(out.attentions, prompt_len, n, request.segment_of)
                         if want_att
                         else None,
                         self._lens(out.hidden_states, raw_logits) if want_lens else None,
                     )
+                    if steered or forced or (step is not None and step.vector):
+                        ev = dataclasses.replace(
+                            ev,
+                            steered=steered,
+                            steered_logprob=slp if steered else None,
+                            forced=forced,
+                            vector=step.vector if step is not None else (),
+                        )
                     gen_ids.append(tid)
                     n += 1
                     last = tid
@@ -610,6 +790,8 @@ class TransformersBackend:
                         break
                 timings["gen_s"] = time.perf_counter() - tg
                 del cache
+                if hooks is not None:
+                    hooks.remove()
         except GeneratorExit:
             raise
         except Exception as e:  # any failure ends the stream, keeping what was generated
@@ -625,6 +807,55 @@ class TransformersBackend:
             timings=timings,
             usage={"prompt_tokens": prompt_len, "completion_tokens": n},
         )
+
+    def vocab(self) -> Any:
+        """The vocabulary as the conductor needs it (built once)."""
+        if self._vocab is None:
+            from ..steer import Vocab
+
+            tok = self.tokenizer
+
+            def tokenize(text: str) -> list[int]:
+                return [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+
+            self._vocab = Vocab(self._bytes, self._eos, tokenize)
+        return self._vocab
+
+    def _vector_hooks(self, plan: Any) -> Any:
+        """Forward hooks adding the plan's voice vectors (None when it asks for none)."""
+        if not plan.vectors and not plan.whole_vectors:
+            return None
+        from ..vectors.hooks import VectorHooks
+        from ..vectors.sets import load_vector_set
+
+        vset = load_vector_set(plan.vector_dir or "seed")
+        names = set(plan.vectors) | set(plan.whole_vectors)
+        chosen = {v: cv for v in names if (cv := vset.get(v)) is not None}
+        return VectorHooks(self.model, chosen).install()
+
+    def _score_sequences(self, seqs: Any, raw_logits: Any, cache: Any) -> list[float]:
+        """Log-probability of each token sequence continuing the context in ``cache`` whose
+        next-token logits are ``raw_logits``: each sequence's tokens run over the cache, which
+        is cropped back after (the same exact scores llamacpp gets from parallel sequences)."""
+        import torch
+
+        base = torch.log_softmax(raw_logits, -1)
+        length = cache.get_seq_length()
+        out: list[float] = []
+        for s in seqs:
+            s = [int(t) for t in s]
+            lp = float(base[s[0]]) if s else 0.0
+            if len(s) > 1:
+                res = self.model(
+                    input_ids=torch.tensor([s[:-1]], device=self.device),
+                    use_cache=True,
+                    **{self._cache_kw: cache},
+                )
+                logp = torch.log_softmax(res.logits[0].float(), -1)
+                lp += float(sum(logp[j, s[j + 1]] for j in range(len(s) - 1)))
+                cache.crop(length)
+            out.append(lp)
+        return out
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache

@@ -48,12 +48,14 @@ SETTING_KEYS = (
     "alternatives",
     "voice_prompt",
     "system",
+    "structure",
 )
 VOICE_COLUMNS = ["name", "color", "glyph", "syntax", "aliases", "description"]
 EXPORTS = ["Trace (JSONL)", "HTML report", "Markdown"]
 # The renderer: its core first, then one file per view (each registers itself with the core).
 SCRIPTS = (
     "workbench.js",
+    "steer.js",
     "view-chat.js",
     "view-lanes.js",
     "view-tokens.js",
@@ -181,7 +183,17 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         except (TypeError, ValueError, WorkbenchError):
             return None
 
-    head = f"<style>{asset('workbench.css')}</style>" + "".join(
+    def tf_steer(args: list[Any], request: gr.Request) -> dict[str, Any]:
+        """A legend click: [session_id, "next"|"mute"|"state", voice] -> the steering state."""
+        from .steer_view import steer_action
+
+        try:
+            sid, action, voice = args
+        except (TypeError, ValueError):
+            return {"ok": False, "error": "bad steering request", "muted": [], "next": None}
+        return steer_action(wb, sid, action, voice, request_user(request))
+
+    head = f"<style>{asset('workbench.css')}{asset('steer.css')}</style>" + "".join(
         f"<script>{asset(name)}</script>" for name in SCRIPTS
     )
 
@@ -219,7 +231,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                     html_template='<div class="tf-wb" id="tf-wb"></div>',
                     js_on_load="window.thoughtform.mount(element, props, server, watch);",
                     head=head,
-                    server_functions=[tf_events, tf_attention],
+                    server_functions=[tf_events, tf_attention, tf_steer],
                     elem_id="workbench",
                     apply_default_css=False,
                 )
@@ -295,9 +307,17 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                     s_alts = gr.Slider(
                         0, 20, step=1, label="Alternatives per token", elem_id="set-alternatives"
                     )
-                s_vprompt = gr.Checkbox(
-                    label="Ask for voices with a system prompt", elem_id="set-voice-prompt"
-                )
+                with gr.Row():
+                    s_vprompt = gr.Checkbox(
+                        label="Ask for voices with a system prompt", elem_id="set-voice-prompt"
+                    )
+                    s_struct = gr.Checkbox(
+                        label=(
+                            "Structure: every reply is 2 or more voice blocks, each a declared"
+                            " marker then text (backends with token control or a grammar)"
+                        ),
+                        elem_id="set-structure",
+                    )
                 s_system = gr.Textbox(label="Extra system prompt", lines=3, elem_id="set-system")
                 save_settings_btn = gr.Button(
                     "Save settings", variant="primary", elem_id="save-settings"
@@ -365,6 +385,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             s_alts,
             s_vprompt,
             s_system,
+            s_struct,
         ]
 
         # -- helpers ---------------------------------------------------------------------
@@ -466,10 +487,15 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             t = Tab.of(tab)
             if not t.sid:
                 return
+            user = request_user(request)
+            # Over the stored settings: the legend's steering state (muted, next voice) is not
+            # a field of this form and must survive a save.
+            raw = {
+                **wb.settings_of(wb.session_info(t.sid, user)),
+                **dict(zip(SETTING_KEYS, values, strict=True)),
+            }
             try:
-                wb.save_settings(
-                    t.sid, dict(zip(SETTING_KEYS, values, strict=True)), request_user(request)
-                )
+                wb.save_settings(t.sid, raw, user)
             except (WorkbenchError, StoreError) as e:
                 raise _error(e) from None
             gr.Info("Settings saved for this session.")

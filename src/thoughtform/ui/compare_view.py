@@ -16,7 +16,6 @@ from .colors import VoiceColors
 
 LABELS = ("plain + voice prompt", "tuned (embedded-voices)")
 MAX_PROMPT_CHARS = 4000
-LANE_WIDTH = 600  # px of the longer reply
 
 
 def llamacpp_pair() -> tuple[Backend, Backend]:
@@ -88,36 +87,42 @@ def _span(seg: Any, ntok: int) -> tuple[int, int]:
     return min(toks), max(toks) + 1
 
 
-def lanes_html(traces: tuple[Trace, Trace], voices: VoiceSet | str | None = "seed") -> str:
-    """Two lane strips on one token axis (width scaled by the longer reply), an SVG per reply."""
-    vs = resolve_voice_set(voices)
-    colors = VoiceColors(vs)
-    longest = max(len(t.tokens) for t in traces) or 1
-    scale = LANE_WIDTH / longest
-    rows: list[str] = []
+def lanes_frame(traces: tuple[Trace, Trace], voices: VoiceSet | str | None = "seed") -> Any:
+    """Both replies' lanes as one pandas DataFrame for a scatter chart: a row per token (model,
+    token index on the shared axis, voice), so the two replies line up token for token."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
     for label, tr in zip(LABELS, traces, strict=True):
         n = len(tr.tokens)
-        rects: list[str] = []
         for seg in tr.segments:
             a, b = _span(seg, n)
-            if b <= a:
-                continue
-            name = html.escape(seg.voice, quote=True)
-            rects.append(
-                f'<rect class="tf-lane-seg" data-voice="{name}" data-from="{a}" data-to="{b}" '
-                f'x="{a * scale:.1f}" y="0" width="{(b - a) * scale:.1f}" height="14" '
-                f'fill="{colors.color(seg.voice)}"><title>{name}: tokens {a}–{b - 1}</title>'
-                "</rect>"
-            )
-        rows.append(
-            f'<div class="tf-lane-row"><div class="tf-lane-label">{html.escape(label)} '
-            f"({n} tokens)</div>"
-            f'<svg class="tf-lane" width="{LANE_WIDTH}" height="14" '
-            f'viewBox="0 0 {LANE_WIDTH} 14" role="img">'
-            f'<rect x="0" y="0" width="{n * scale:.1f}" height="14" fill="#EEEEEE"></rect>'
-            f"{''.join(rects)}</svg></div>"
-        )
-    return f'<div class="tf-lanes" data-tokens="{longest}">{"".join(rows)}</div>'
+            rows.extend({"model": label, "token": t, "voice": seg.voice} for t in range(a, b))
+    return pd.DataFrame(rows, columns=["model", "token", "voice"])
+
+
+def summary_frame(traces: tuple[Trace, Trace]) -> Any:
+    """Tokens per voice per model (the lanes in one stacked bar each), as a DataFrame."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for label, tr in zip(LABELS, traces, strict=True):
+        n = len(tr.tokens)
+        counts: dict[str, int] = {}
+        for seg in tr.segments:
+            a, b = _span(seg, n)
+            if b > a:
+                counts[seg.voice] = counts.get(seg.voice, 0) + (b - a)
+        rows.extend({"model": label, "voice": v, "tokens": c} for v, c in counts.items())
+    return pd.DataFrame(rows, columns=["model", "voice", "tokens"])
+
+
+def voice_colors(
+    traces: tuple[Trace, Trace], voices: VoiceSet | str | None = "seed"
+) -> dict[str, str]:
+    """The colour of every voice either reply used (declared ones theirs, others assigned)."""
+    colors = VoiceColors(resolve_voice_set(voices))
+    return {seg.voice: colors.color(seg.voice) for tr in traces for seg in tr.segments}
 
 
 def reply_html(trace: Trace, voices: VoiceSet | str | None = "seed") -> str:
@@ -130,23 +135,25 @@ def reply_html(trace: Trace, voices: VoiceSet | str | None = "seed") -> str:
 
 def compare_html(
     traces: tuple[Trace, Trace], voices: VoiceSet | str | None = "seed"
-) -> tuple[str, str, str]:
-    """HTML for the left column, the right column, and the shared lanes."""
+) -> tuple[str, str]:
+    """HTML for the left and the right column (the lanes are charts: ``lanes_frame``)."""
     cols = tuple(
         f'<div class="tf-cmp-col" data-side="{side}"><h4>{html.escape(label)}</h4>'
         f"{reply_html(tr, voices)}</div>"
         for side, label, tr in zip(("plain", "tuned"), LABELS, traces, strict=True)
     )
-    return cols[0], cols[1], lanes_html(traces, voices)
+    return cols[0], cols[1]
 
 
 __all__ = [
     "LABELS",
     "BackendPair",
     "compare_html",
-    "lanes_html",
+    "lanes_frame",
     "llamacpp_pair",
     "reply_html",
     "requests",
     "run_pair",
+    "summary_frame",
+    "voice_colors",
 ]

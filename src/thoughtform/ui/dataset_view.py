@@ -1,5 +1,6 @@
-"""The workbench's Dataset tab as pure functions: open a dataset file, list its problems, draw its
-statistics and one example's reply as voice blocks (all HTML escaped; colours validated)."""
+"""The workbench's Dataset tab as pure functions: open a dataset file, list its problems, give its
+statistics as pandas frames for Gradio's charts, show one example's reply as voice blocks (all
+HTML escaped; colours validated), and make a small sample dataset."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .colors import safe_hex
 MAX_PROBLEMS = 500
 MAX_EXAMPLES = 5000
 MAX_REPLY_CHARS = 200_000
+SAMPLE_EXAMPLES = 40
 
 
 @dataclass
@@ -94,52 +96,63 @@ def problems_html(view: DatasetView) -> str:
     return f'<table class="tf-ds-problems"><tbody>{rows}</tbody></table>'
 
 
-def _bar(frac: float, color: str) -> str:
-    width = max(0.0, min(1.0, frac)) * 100
-    return (
-        f'<span style="display:inline-block;height:0.8em;width:{width:.1f}%;'
-        f'background:{safe_hex(color)}"></span>'
-    )
+def voices_frame(stats: dict[str, Any]) -> Any:
+    """Per-voice statistics as a pandas DataFrame (voice, segments, examples, tokens, share %),
+    in the voice set's lane order: the rows of the table and the bars of the share chart."""
+    import pandas as pd
+
+    rows = [
+        {
+            "voice": str(v["voice"]),
+            "segments": int(v["segments"]),
+            "examples": int(v["examples"]),
+            "tokens": int(v["tokens"]),
+            "share": round(float(v["share"]) * 100, 1),
+        }
+        for v in stats.get("voices") or []
+    ]
+    return pd.DataFrame(rows, columns=["voice", "segments", "examples", "tokens", "share"])
 
 
-def voices_html(stats: dict[str, Any]) -> str:
-    """Per-voice segments, examples, tokens and token share, with a bar in the voice's colour."""
-    voices = stats.get("voices") or []
-    if not voices:
-        return "<p>No voices in the usable examples.</p>"
-    top = max((float(v["share"]) for v in voices), default=0.0) or 1.0
-    rows = "".join(
-        f'<tr data-voice="{_esc(v["voice"])}"><td>{_esc(v["voice"])}</td>'
-        f"<td>{int(v['segments'])}</td><td>{int(v['examples'])}</td><td>{int(v['tokens'])}</td>"
-        f"<td>{float(v['share']) * 100:.1f}%</td>"
-        f'<td style="width:40%">{_bar(float(v["share"]) / top, str(v["color"]))}</td></tr>'
-        for v in voices
-    )
-    return (
-        '<table class="tf-ds-voices"><thead><tr><th>voice</th><th>segments</th><th>examples</th>'
-        f"<th>tokens</th><th>share</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
-    )
+def voice_colors(stats: dict[str, Any]) -> dict[str, str]:
+    """Each voice's validated colour, for the charts' colour map."""
+    return {str(v["voice"]): safe_hex(v.get("color")) for v in stats.get("voices") or []}
 
 
-def lengths_html(stats: dict[str, Any]) -> str:
-    """The reply-length histogram (approximate tokens) as a table with bars."""
-    rt = stats.get("reply_tokens") or {}
-    bins = rt.get("bins") or []
-    if not bins:
-        return "<p>No replies.</p>"
-    top = max(int(b["count"]) for b in bins) or 1
-    rows = "".join(
-        f"<tr><td>{int(b['lo'])}–{'' if b['hi'] is None else int(b['hi'])}</td>"
-        f"<td>{int(b['count'])}</td>"
-        f'<td style="width:60%">{_bar(int(b["count"]) / top, "#4A7FB5")}</td></tr>'
+def lengths_frame(stats: dict[str, Any]) -> Any:
+    """The reply-length histogram (approximate tokens) as a DataFrame: one row per bin."""
+    import pandas as pd
+
+    bins = (stats.get("reply_tokens") or {}).get("bins") or []
+    rows = [
+        {
+            "reply tokens": f"{int(b['lo'])}–{'' if b['hi'] is None else int(b['hi'])}",
+            "replies": int(b["count"]),
+        }
         for b in bins
-    )
+    ]
+    return pd.DataFrame(rows, columns=["reply tokens", "replies"])
+
+
+def lengths_text(stats: dict[str, Any]) -> str:
+    """One line under the length chart: min, max and mean reply length."""
+    rt = stats.get("reply_tokens") or {}
+    if not rt.get("bins"):
+        return "No replies."
     return (
-        '<table class="tf-ds-lengths"><thead><tr><th>reply tokens</th><th>replies</th><th></th>'
-        f"</tr></thead><tbody>{rows}</tbody></table>"
-        f"<p>min {int(rt.get('min') or 0)}, max {int(rt.get('max') or 0)}, "
-        f"mean {float(rt.get('mean') or 0):.1f}</p>"
+        f"reply tokens: min {int(rt.get('min') or 0)}, max {int(rt.get('max') or 0)}, "
+        f"mean {float(rt.get('mean') or 0):.1f}"
     )
+
+
+def sample_dataset(directory: str | Path, voices: VoiceSet | str | None = "seed") -> Path:
+    """A small dataset for trying the tab without a file of one's own: ``dataset synth``'s
+    output (40 examples, seed 0) written into ``directory``."""
+    from ..data.synth import write_synth
+
+    out = Path(directory) / "sample-synth.jsonl"
+    write_synth(out, voices, n=SAMPLE_EXAMPLES, seed=0)
+    return out
 
 
 def transitions_html(stats: dict[str, Any]) -> str:
@@ -154,21 +167,21 @@ def transitions_html(stats: dict[str, Any]) -> str:
         f"<tr><th>{_esc(a)}</th>" + "".join(f"<td>{int(c)}</td>" for c in row) + "</tr>"
         for a, row in zip(names, matrix, strict=False)
     )
+    # Many voices make a wide table: it scrolls sideways instead of being cut off.
     return (
-        f'<table class="tf-ds-transitions"><thead><tr><th>from \\ to</th>{head}</tr></thead>'
-        f"<tbody>{rows}</tbody></table>"
+        '<div class="tf-scroll-x"><table class="tf-ds-transitions"><thead><tr>'
+        f"<th>from \\ to</th>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
     )
 
 
 def stats_html(view: DatasetView) -> str:
-    """All statistics: totals, voices, reply lengths, transitions."""
+    """The totals line and the transition matrix (voices and lengths are charts of their own)."""
     s = view.stats
     tok = s.get("tokens") or {}
     return (
         '<div class="tf-ds-stats">'
         f"<p>{int(s.get('examples') or 0)} examples, {int(s.get('replies') or 0)} replies, "
         f"{int(tok.get('total') or 0)} tokens ({_esc(tok.get('method', ''))})</p>"
-        f"<h4>Voices</h4>{voices_html(s)}<h4>Reply length</h4>{lengths_html(s)}"
         f"<h4>Transitions</h4>{transitions_html(s)}</div>"
     )
 
@@ -193,11 +206,14 @@ def example_html(view: DatasetView, index: int, voices: VoiceSet | str | None = 
 __all__ = [
     "DatasetView",
     "example_html",
-    "lengths_html",
+    "lengths_frame",
+    "lengths_text",
     "open_dataset",
     "problems_html",
+    "sample_dataset",
     "stats_html",
     "summary_text",
     "transitions_html",
-    "voices_html",
+    "voice_colors",
+    "voices_frame",
 ]

@@ -23,6 +23,7 @@ from .store import SessionInfo, Store, StoredMessage, valid_session_id
 from .stream import Encoder, Run, info_event, payload
 from .voice_defaults import defaults_path, load_default_voices, save_default_voices
 
+
 def backend_names() -> list[str]:
     """Backends Settings offers: the built-ins and every installed entry-point plugin."""
     from ..backends import available_backends
@@ -40,6 +41,8 @@ MAX_WAITING_SENDS = 16
 WAIT_BEAT_S = 2.0  # a waiting send re-yields this often, so a page that left is noticed
 
 
+# Session settings no form edits, kept through saves: set by ``thoughtform proxy``'s recorder.
+KEPT_SETTINGS = ("recorded", "source")
 NEW_TITLE = "New session"  # until the first prompt names the session
 
 
@@ -155,7 +158,7 @@ class Workbench:
         """A session's settings over the defaults."""
         s = self.default_settings()
         if info is not None:
-            s.update({k: v for k, v in info.settings.items() if k in s})
+            s.update({k: v for k, v in info.settings.items() if k in s or k in KEPT_SETTINGS})
         return s
 
     def clean_settings(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -194,6 +197,9 @@ class Workbench:
     ) -> dict[str, Any]:
         """Validate and keep settings with the session."""
         s = self.clean_settings(raw)
+        info = self.session_info(sid, user)
+        if info is not None:  # not settings the page edits: kept as they are
+            s.update({k: v for k, v in info.settings.items() if k in KEPT_SETTINGS})
         self.store.update_session(sid, settings=s, owner=self.owner(user))
         return s
 
@@ -258,7 +264,9 @@ class Workbench:
         out = []
         for s in self.store.list_sessions(owner=self.owner(user)):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))
-            out.append((f"{s.title} · {s.messages} msg · {when}", s.id))
+            # Sessions ``thoughtform proxy`` recorded from another app say so.
+            rec = "● Recorded · " if s.settings.get("recorded") is True else ""
+            out.append((f"{rec}{s.title} · {s.messages} msg · {when}", s.id))
         return out
 
     def rename(self, sid: str, title: str, user: str | None = None) -> None:

@@ -19,8 +19,13 @@ Events are short arrays (the first item says which)::
     ["K", index, text, voice, logprob, entropy, [[alt, logprob], ...], flags]
                                           flags: 1 = attention recorded, 2 = logit lens recorded
     ["E", status, message, last_token_wall_time?]                          the message ended
-    ["S", [[voice, tokens, mean_logprob, perplexity, mean_entropy], ...], [order, matrix]]
-    ["I", {"backend", "model", "voices", "examples": [prompt, ...]}]     what is active (empty chat)
+    ["W", token|null, [[voice, p], ...], chosen|null, forced, approximate]
+                                          who speaks next at a boundary (the model's probability
+                                          of each declared voice opening there; voice_choice)
+    ["S", [[voice, tokens, mean_logprob, perplexity, mean_entropy], ...], [order, matrix],
+          [model_order, model_matrix]]    observed transitions, and the model's own (from W)
+    ["I", {"backend", "model", "voices", "examples": [prompt, ...], "muted": [voice, ...],
+           "next_voice": voice|null, "structure": bool}]  what is active (empty chat, legend)
     ["!", message]                               an error that belongs to no reply (shown in chat)
 
 Token indices are global to the session (``token_base`` + index in the reply) so lanes share
@@ -40,7 +45,7 @@ from typing import Any
 from ..backends.base import FinishEvent
 from ..generate import Generation
 from ..metrics import entropy as token_entropy
-from ..metrics import transition_matrix, voice_stats
+from ..metrics import model_transition_matrix, transition_matrix, voice_stats
 from ..parse import Event, Segment, Text, VoiceEnd, VoiceParser, VoiceStart
 from ..trace import TokenRecord
 from ..voices import VoiceSet
@@ -117,10 +122,40 @@ def info_event(settings: Mapping[str, Any], voices: VoiceSet) -> list[Any]:
     names = voices.names()
     shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
     label = f"{voices.name or 'custom'}: {shown}" if names else f"{voices.name or 'custom'}"
+    muted = settings.get("muted")
+    nv = settings.get("next_voice")
     return [
         "I",
-        {"backend": backend, "model": model, "voices": label, "examples": list(EXAMPLE_PROMPTS)},
+        {
+            "backend": backend,
+            "model": model,
+            "voices": label,
+            "examples": list(EXAMPLE_PROMPTS),
+            # Steering state, so the legend's next/mute controls show it after a reload.
+            "muted": [str(m) for m in muted if isinstance(m, str)]
+            if isinstance(muted, list)
+            else [],
+            "next_voice": nv if isinstance(nv, str) and nv else None,
+            "structure": bool(settings.get("structure")),
+        },
     ]
+
+
+def stored_choices(finish: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The voice_choice records kept with a stored reply (``finish["voice_choices"]``), the
+    malformed ones left out (the database is not trusted more than a trace file)."""
+    raw = (finish or {}).get("voice_choices")
+    if not isinstance(raw, list):
+        return []
+    return [c for c in raw if isinstance(c, dict) and isinstance(c.get("probs"), dict)]
+
+
+def with_choices(finish: Mapping[str, Any] | None, choices: Sequence[Mapping[str, Any]]) -> dict:
+    """A reply's finish record with its voice_choice records kept in it (for reloads)."""
+    out = dict(finish or {})
+    if choices:
+        out["voice_choices"] = [dict(c) for c in choices]
+    return out
 
 
 def error_event(message: object) -> list[Any]:
@@ -145,6 +180,7 @@ class Encoder:
         self.tok_base = 0  # global index of the next generated token in the session
         self.all_tokens: list[TokenRecord] = []
         self.all_segments: list[Segment] = []
+        self.all_choices: list[list[dict[str, Any]]] = []  # voice_choice records, per reply
 
     def voices_event(self) -> list[Any]:
         """The declared voices, for the legend."""
@@ -193,14 +229,51 @@ class Encoder:
             self.all_tokens.append(t)
         return out
 
+    def choice_events(
+        self, choices: Iterable[Mapping[str, Any]], base: int | None
+    ) -> list[list[Any]]:
+        """Who-speaks-next records as ``W`` events (token indices made global with ``base``)."""
+        out: list[list[Any]] = []
+        for c in choices:
+            probs = c.get("probs")
+            if not isinstance(probs, Mapping):
+                continue
+            tok = c.get("token")
+            g = base + tok if base is not None and isinstance(tok, int) else None
+            pairs = [[str(v), _r(p)] for v, p in probs.items() if _r(p) is not None]
+            chosen = c.get("chosen")
+            out.append(
+                [
+                    "W",
+                    g,
+                    pairs,
+                    chosen if isinstance(chosen, str) else None,
+                    1 if c.get("forced") else 0,
+                    1 if c.get("approximate") else 0,
+                ]
+            )
+        return out
+
+    def model_matrix(self, order: Sequence[str]) -> tuple[list[str], list[list[float]]]:
+        """The model's own voice-transition matrix over the session's replies (each reply's
+        opening boundary has no voice before it: only its chosen voice is kept)."""
+        flat: list[dict[str, Any]] = []
+        for reply in self.all_choices:
+            for i, c in enumerate(reply):
+                flat.append({"chosen": c.get("chosen")} if i == 0 else dict(c))
+        return model_transition_matrix(flat, order)
+
     def stats_event(self) -> list[Any]:
-        """Per-voice stats and the voice transition matrix over the whole session so far."""
+        """Per-voice stats, the observed voice transition matrix and the model's own one, over
+        the whole session so far."""
         rows = [
             [s.voice, s.tokens, _r(s.mean_logprob), _r(s.perplexity, 3), _r(s.mean_entropy)]
             for s in voice_stats(self.all_tokens)
         ]
         order, matrix = transition_matrix(self.all_segments)
-        return ["S", rows, [order, matrix]]
+        m_order, m_matrix = self.model_matrix(order) if self.all_choices else ([], [])
+        model = [m_order, [[_r(x) or 0.0 for x in row] for row in m_matrix]]
+        return ["S", rows, [order, matrix], model]
 
     def text_message(self, mid: int, role: str, status: str, text: str) -> list[list[Any]]:
         """A whole message without tokens (user text, imported transcript), parsed into blocks."""
@@ -235,6 +308,12 @@ class Encoder:
             out += self.token_events(upd.resolved, base)
         self.tok_base = base + len(tokens)
         self.all_segments.extend(gen.trace.segments)
+        choices = stored_choices(finish)
+        if choices:
+            # After the reply's blocks (live they come as each voice opens): the page places
+            # each at its boundary by token index, so the view is the same.
+            out += self.choice_events(choices, base)
+            self.all_choices.append(choices)
         msg = (finish or {}).get("message", "") if status != "done" else ""
         if status == "streaming":
             status, msg = "interrupted", "the server stopped while this reply streamed"
@@ -311,6 +390,8 @@ class Run:
                     evs += enc.parser_events(upd.events, base)
                 if upd.resolved:
                     evs += enc.token_events(upd.resolved, base)
+                if upd.choices:
+                    evs += enc.choice_events(upd.choices, base)
                 if upd.finish is not None:
                     finish = upd.finish
                 self._push(evs)
@@ -321,12 +402,18 @@ class Run:
             tr = self.gen.trace
             enc.tok_base = base + len(tr.tokens)
             enc.all_segments.extend(tr.segments)
+            if tr.voice_choices:
+                enc.all_choices.append(list(tr.voice_choices))
             reason = finish.reason if finish is not None else "error"
             message = finish.message if finish is not None else (self.error or "stream ended")
             self.status = status_of(reason)
             try:
+                # The voice choices go with the finish record, so a reloaded reply shows them.
                 self.store.finish_message(
-                    self.message_id, self.status, tr.finish or {"reason": reason}, tr.text
+                    self.message_id,
+                    self.status,
+                    with_choices(tr.finish or {"reason": reason}, tr.voice_choices),
+                    tr.text,
                 )
             except Exception as e:  # the database may be gone; the browser still gets the end
                 message = f"{message} (not saved: {e})".strip()

@@ -66,6 +66,8 @@
 
   // Views register here (in load order); each Workbench makes one instance of each.
   var VIEWS = [];
+  // Add-ons (steer.js): called with each new Workbench, after its views, to add handlers.
+  var ADDONS = [];
 
   function Workbench(host, server) {
     this.host = host;
@@ -80,6 +82,7 @@
     this.stats = { tokens: 0, payloads: 0, bytes: 0, firstAt: null, lastAt: null, log: null };
     this.build();
     this.clear();
+    for (var a = 0; a < ADDONS.length; a++) ADDONS[a](this);
   }
 
   /** Call ``fn(event, extra)`` for every event of ``type`` (after the core has seen it). */
@@ -402,6 +405,10 @@
     defineView: function (spec) {
       for (var i = 0; i < VIEWS.length; i++) if (VIEWS[i].id === spec.id) return;
       VIEWS.push(spec);
+    },
+    /** Register an add-on: ``fn(wb)`` runs for every Workbench made after this (steer.js). */
+    addon: function (fn) {
+      if (ADDONS.indexOf(fn) < 0) ADDONS.push(fn);
     },
     mount: function (element, props, server, watch) {
       var host = element.querySelector(".tf-wb") || element;
