@@ -416,8 +416,11 @@ SCRIPT = "council.js"
 STYLE = "council.css"
 
 
-def council_tab(wb: Workbench, user_of: Callable[[Any], str | None]) -> CouncilService:
-    """Lay out the Council tab (inside the page's ``gr.Tabs``) and wire its events."""
+def council_tab(
+    wb: Workbench, user_of: Callable[[Any], str | None]
+) -> Callable[[], CouncilService]:
+    """Lay out the Council tab (call inside the page's ``gr.Tabs``); returns the function that
+    wires its events, to be called after the page's own (whose order Gradio numbers)."""
     from .app import asset, plain
 
     svc = CouncilService(wb)
@@ -550,24 +553,28 @@ def council_tab(wb: Workbench, user_of: Callable[[Any], str | None]) -> CouncilS
         with shown():
             return str(svc.export(c, kind, user_of(request)))
 
-    loop: dict[str, Any] = {
-        "show_progress": "hidden",
-        "concurrency_id": "council",
-        "concurrency_limit": 4,
-    }
-    started = c_start.click(
-        on_start, [c_members, c_policy, c_turns, c_tokens, c_text], [board, cid, c_text], **loop
-    )
-    started.then(on_saved, cid, c_saved, show_progress="hidden")
-    c_resume.click(on_resume, [cid, c_turns], [board, cid], **loop)
-    c_force.click(on_force, [cid, c_next], [board, cid], **loop)
-    now: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
-    c_pause.click(on_pause, cid, board, **now)
-    c_stop.click(on_stop, cid, board, **now)
-    c_mute.input(on_mute, [cid, c_mute], board, **now)
-    c_say.click(on_say, [cid, c_as, c_text], [board, c_text], **now)
-    c_text.submit(on_say, [cid, c_as, c_text], [board, c_text], **now)
-    c_saved.focus(on_saved, cid, c_saved, show_progress="hidden")
-    c_open.click(on_open, c_saved, [board, cid], **now)
-    c_export.click(on_export, [cid, c_kind], c_file)
-    return svc
+    def wire() -> CouncilService:
+        """Register the tab's events (after the page's own)."""
+        loop: dict[str, Any] = {
+            "show_progress": "hidden",
+            "concurrency_id": "council",
+            "concurrency_limit": 4,
+        }
+        started = c_start.click(
+            on_start, [c_members, c_policy, c_turns, c_tokens, c_text], [board, cid, c_text], **loop
+        )
+        started.then(on_saved, cid, c_saved, show_progress="hidden")
+        c_resume.click(on_resume, [cid, c_turns], [board, cid], **loop)
+        c_force.click(on_force, [cid, c_next], [board, cid], **loop)
+        now: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
+        c_pause.click(on_pause, cid, board, **now)
+        c_stop.click(on_stop, cid, board, **now)
+        c_mute.input(on_mute, [cid, c_mute], board, **now)
+        c_say.click(on_say, [cid, c_as, c_text], [board, c_text], **now)
+        c_text.submit(on_say, [cid, c_as, c_text], [board, c_text], **now)
+        c_saved.focus(on_saved, cid, c_saved, show_progress="hidden")
+        c_open.click(on_open, c_saved, [board, cid], **now)
+        c_export.click(on_export, [cid, c_kind], c_file)
+        return svc
+
+    return wire
