@@ -12,6 +12,7 @@ import os
 # Before gradio is imported: no telemetry from a local tool.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import html
 import re
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..voices import PRESETS, VoiceSet, VoiceSetError, voice_set_from_dict
+from ..voices import PRESETS, VoiceSet, VoiceSetError
 from .config import (
     ConfigError,
     ServeConfig,
@@ -32,7 +33,11 @@ from .config import (
 )
 from .export import ImportError_, import_file, reply_trace, safe_filename, session_markdown
 from .service import BACKENDS, MAX_WAITING_SENDS, Tab, Workbench, WorkbenchError
+from .settings_view import model_problem, telemetry_switches
 from .store import StoreError, valid_session_id
+from .stream import ends_in_error, error_event, info_event, payload
+from .voices_view import VOICE_COLUMNS, add_row, remove_row, voices_from_rows, voices_from_yaml
+from .voices_view import voice_rows as _voice_rows
 
 __all__ = ["ServeConfig", "build_app", "serve"]
 
@@ -48,9 +53,11 @@ SETTING_KEYS = (
     "alternatives",
     "voice_prompt",
     "system",
+    "attention",
+    "logit_lens",
     "structure",
 )
-VOICE_COLUMNS = ["name", "color", "glyph", "syntax", "aliases", "description"]
+SWITCHES = ("attention", "logit_lens")  # enabled only where the backend's capabilities say so
 EXPORTS = ["Trace (JSONL)", "HTML report", "Markdown"]
 # The renderer: its core first, then one file per view (each registers itself with the core).
 SCRIPTS = (
@@ -99,68 +106,6 @@ def request_user(request: Any) -> str | None:
     )
     user = tokens.get(token) if token else None
     return user if isinstance(user, str) and user else None
-
-
-def _voice_rows(vs: VoiceSet) -> list[list[str]]:
-    return [
-        [v.name, v.color, v.glyph, v.syntax, ", ".join(v.aliases), v.description]
-        for v in sorted(vs.voices, key=lambda v: v.lane)
-    ]
-
-
-def voices_from_rows(rows: Any, current: VoiceSet) -> VoiceSet:
-    """A voice set from the editor table (validated; per-voice sampling kept from ``current``)."""
-    if hasattr(rows, "values") and hasattr(rows, "columns"):  # a pandas DataFrame
-        rows = rows.values.tolist()
-    if isinstance(rows, dict) and "data" in rows:
-        rows = rows["data"]
-    voices = []
-    for i, r in enumerate(rows or []):
-        cells = [("" if c is None else str(c)).strip() for c in list(r)[: len(VOICE_COLUMNS)]]
-        cells += [""] * (len(VOICE_COLUMNS) - len(cells))
-        name, color, glyph, syntax, aliases, desc = cells
-        if not name:
-            continue
-        d: dict[str, Any] = {"name": name, "lane": i + 1, "description": desc}
-        if color:
-            d["color"] = color
-        if glyph:
-            d["glyph"] = glyph
-        if syntax:
-            d["syntax"] = syntax
-        al = [a.strip() for a in aliases.split(",") if a.strip()]
-        if al:
-            d["aliases"] = al
-        old = current.get(name)
-        if old is not None:
-            if old.temperature is not None:
-                d["temperature"] = old.temperature
-            if old.top_p is not None:
-                d["top_p"] = old.top_p
-        voices.append(d)
-    data = {
-        "name": current.name,
-        "description": current.description,
-        "unknown": current.unknown,
-        "default_voice": current.default_voice,
-        "voices": voices,
-    }
-    return voice_set_from_dict(data, source="voices table")
-
-
-def voices_from_yaml(text: str) -> VoiceSet:
-    """A voice set from YAML typed or loaded into the editor."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(text or "")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise VoiceSetError(
-            f"voices YAML: {where}{getattr(e, 'problem', None) or 'invalid YAML'}"
-        ) from None
-    return voice_set_from_dict(data, source="voices YAML")
 
 
 def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
@@ -252,15 +197,35 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                         "Stop", variant="stop", elem_id="stop", scale=1, min_width=80
                     )
             with gr.Tab("Voices", id="voices-tab"):
+                gr.Markdown(
+                    "Edits apply to **this session** (its replies are parsed again at once). "
+                    "*Use for new sessions* makes this set the one new sessions start with. "
+                    "Hiding a voice is done in the legend and only changes this session's view.",
+                    elem_id="voices-note",
+                )
                 voices_table = gr.Dataframe(
                     headers=VOICE_COLUMNS,
                     datatype=["str"] * len(VOICE_COLUMNS),
                     column_count=len(VOICE_COLUMNS),
                     type="array",
                     interactive=True,
-                    label="Voices (color #RRGGBB; syntax bracket = [Name], tag = <name>…</name>)",
+                    column_widths=["11%", "9%", "6%", "8%", "10%", "36%", "10%", "10%"],
+                    wrap=True,
+                    label=(
+                        "Voices (color #RRGGBB; syntax bracket = [Name], tag = <name>…</name>;"
+                        " temperature, top_p: sampling while the voice speaks, empty = session's)"
+                    ),
                     elem_id="voices-table",
                 )
+                voice_row = gr.State(None)  # the row last clicked, for "Remove voice"
+                with gr.Row():
+                    add_voice_btn = gr.Button("Add voice", elem_id="add-voice", size="sm")
+                    remove_voice_btn = gr.Button(
+                        "Remove selected voice", elem_id="remove-voice", size="sm"
+                    )
+                    default_voices_btn = gr.Button(
+                        "Use for new sessions", elem_id="default-voices", size="sm"
+                    )
                 with gr.Row():
                     apply_table_btn = gr.Button(
                         "Apply table", elem_id="apply-table", variant="primary"
@@ -286,9 +251,25 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 with gr.Row():
                     s_backend = gr.Dropdown(list(BACKENDS), label="Backend", elem_id="set-backend")
                     s_model = gr.Textbox(
-                        label="Model (GGUF path, model name; empty = default)", elem_id="set-model"
+                        label=(
+                            "Model (embedded, embedded-voices, a .gguf path, a model directory,"
+                            " or the server's model name; empty = default)"
+                        ),
+                        elem_id="set-model",
                     )
                     s_base = gr.Textbox(label="Base URL (openai backend)", elem_id="set-base-url")
+                s_model_msg = gr.HTML("", elem_id="set-model-msg")
+                with gr.Row():
+                    s_att = gr.Checkbox(
+                        label="Attention (per layer and voice segment; transformers backend)",
+                        elem_id="set-attention",
+                        interactive=False,
+                    )
+                    s_lens = gr.Checkbox(
+                        label="Logit lens (each layer's top token; transformers backend)",
+                        elem_id="set-logit-lens",
+                        interactive=False,
+                    )
                 with gr.Row():
                     s_temp = gr.Slider(
                         0, 2, step=0.05, label="Temperature", elem_id="set-temperature"
@@ -331,6 +312,9 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                         scale=6,
                     )
                     ds_open = gr.Button("Open", variant="primary", elem_id="ds-open", scale=1)
+                    ds_sample = gr.Button(
+                        "Try a sample dataset", elem_id="ds-sample", scale=1, size="sm"
+                    )
                 ds_upload = gr.File(
                     label="…or upload one",
                     file_types=[".jsonl", ".txt", ".md"],
@@ -344,6 +328,25 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                         ds_problems = gr.HTML(elem_id="ds-problems", label="Problems")
                     with gr.Column():
                         ds_stats = gr.HTML(elem_id="ds-stats", label="Statistics")
+                with gr.Row():
+                    ds_shares = gr.BarPlot(
+                        x="voice",
+                        y="share",
+                        color="voice",
+                        y_title="share of voiced tokens (%)",
+                        y_lim=[0, None],
+                        title="Voices",
+                        elem_id="ds-shares",
+                    )
+                    ds_lengths = gr.BarPlot(
+                        x="reply tokens",
+                        y="replies",
+                        title="Reply length (approximate tokens)",
+                        elem_id="ds-lengths",
+                    )
+                ds_voices = gr.Dataframe(
+                    label="Per voice", interactive=False, elem_id="ds-voices", wrap=True
+                )
                 ds_index = gr.Number(
                     value=0,
                     precision=0,
@@ -364,7 +367,25 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                         scale=8,
                     )
                     cmp_run = gr.Button("Run", variant="primary", elem_id="cmp-run", scale=1)
-                cmp_lanes = gr.HTML(elem_id="cmp-lanes")
+                with gr.Row():
+                    cmp_lanes = gr.ScatterPlot(
+                        x="token",
+                        y="model",
+                        color="voice",
+                        title="Voices along the reply (one mark per token, shared axis)",
+                        height=200,
+                        scale=3,
+                        elem_id="cmp-lanes",
+                    )
+                    cmp_summary = gr.BarPlot(
+                        x="model",
+                        y="tokens",
+                        color="voice",
+                        title="Tokens per voice",
+                        height=200,
+                        scale=1,
+                        elem_id="cmp-summary",
+                    )
                 with gr.Row():
                     with gr.Column():
                         cmp_left = gr.HTML(elem_id="cmp-left")
@@ -385,13 +406,27 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             s_alts,
             s_vprompt,
             s_system,
+            s_att,
+            s_lens,
             s_struct,
         ]
 
         # -- helpers ---------------------------------------------------------------------
 
         def settings_values(s: dict[str, Any]) -> list[Any]:
-            return [s.get(k) for k in SETTING_KEYS]
+            allowed = dict(zip(SWITCHES, telemetry_switches(str(s.get("backend"))), strict=True))
+            return [
+                gr.update(value=bool(s.get(k)) and allowed[k], interactive=allowed[k])
+                if k in allowed
+                else s.get(k)
+                for k in SETTING_KEYS
+            ]
+
+        def model_msg(backend: str | None, model: str | None, base_url: str | None) -> str:
+            problem = model_problem(str(backend or ""), model, base_url)
+            if not problem:
+                return ""
+            return f'<p class="tf-model-msg" role="alert">{html.escape(problem)}</p>'
 
         def session_view(sid: str | None, user: str | None) -> list[Any]:
             """Everything that changes when a tab shows another session (one of the user's)."""
@@ -468,25 +503,34 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 for pl, new_tab in wb.send(Tab.of(tab), text, request_user(request)):
                     # The tab changes once a reply that waited in the queue starts.
                     t = new_tab.to_dict()
-                    yield pl, (t if t != last_tab else gr.skip()), ("" if first else gr.skip())
+                    # The box empties when the message is on its way, and gets the text back if
+                    # the reply fails (the error is a block in the chat, not a passing toast).
+                    box = "" if first else (text if ends_in_error(pl) else gr.skip())
+                    yield pl, (t if t != last_tab else gr.skip()), box
                     first = False
                     last_tab = t
             except (WorkbenchError, StoreError) as e:
-                raise _error(e) from None
+                sid = Tab.of(tab).sid
+                yield payload(sid, [error_event(e)]), gr.skip(), (gr.skip() if first else text)
 
         def on_stop(tab: dict[str, Any], request: gr.Request) -> None:
             wb.stop(Tab.of(tab).sid, request_user(request))
 
-        def refresh_sessions(tab: dict[str, Any], request: gr.Request) -> Any:
-            return gr.update(
-                choices=wb.session_choices(request_user(request)), value=Tab.of(tab).sid
-            )
+        def refresh_sessions(tab: dict[str, Any], request: gr.Request) -> tuple[Any, Any]:
+            user = request_user(request)
+            sid = Tab.of(tab).sid
+            info = wb.session_info(sid, user)
+            # The name follows the first prompt until renamed (Workbench.send).
+            title = info.title if info is not None else gr.skip()
+            return gr.update(choices=wb.session_choices(user), value=sid), title
 
         # ``request`` first: Gradio inserts it at its position, and ``*values`` would swallow it.
-        def on_save_settings(request: gr.Request, tab: dict[str, Any], *values: Any) -> None:
+        def on_save_settings(
+            request: gr.Request, tab: dict[str, Any], *values: Any
+        ) -> tuple[Any, str]:
             t = Tab.of(tab)
             if not t.sid:
-                return
+                return gr.skip(), ""
             user = request_user(request)
             # Over the stored settings: the legend's steering state (muted, next voice) is not
             # a field of this form and must survive a save.
@@ -494,11 +538,29 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 **wb.settings_of(wb.session_info(t.sid, user)),
                 **dict(zip(SETTING_KEYS, values, strict=True)),
             }
+            msg = model_msg(raw.get("backend"), raw.get("model"), raw.get("base_url"))
+            if msg:
+                return gr.skip(), msg  # said next to the field; nothing saved
             try:
-                wb.save_settings(t.sid, raw, user)
+                s = wb.save_settings(t.sid, raw, user)
             except (WorkbenchError, StoreError) as e:
                 raise _error(e) from None
             gr.Info("Settings saved for this session.")
+            # The empty chat says which backend and model are active.
+            vs = wb.voices_of(wb.session_info(t.sid, user))
+            return payload(t.sid, [info_event(s, vs)]), ""
+
+        def on_backend(backend: str | None, model: str | None, base_url: str | None) -> list[Any]:
+            """Backend or model changed: check the model against it, allow its switches."""
+            allowed = telemetry_switches(str(backend or ""))
+            switches = [
+                gr.update(interactive=a, value=False) if not a else gr.update(interactive=True)
+                for a in allowed
+            ]
+            return [model_msg(backend, model, base_url), *switches]
+
+        def on_model(backend: str | None, model: str | None, base_url: str | None) -> str:
+            return model_msg(backend, model, base_url)
 
         def apply_voices(tab: dict[str, Any], vs: VoiceSet, user: str | None) -> list[Any]:
             t = Tab.of(tab)
@@ -516,18 +578,49 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         def current_voices(tab: dict[str, Any], user: str | None) -> VoiceSet:
             return wb.voices_of(wb.session_info(Tab.of(tab).sid, user))
 
+        def shown_colors(tab: dict[str, Any], user: str | None) -> dict[str, str]:
+            """The colours the session shows now (declared and undeclared voices): kept."""
+            info = wb.session_info(Tab.of(tab).sid, user)
+            if info is None:
+                return {}
+            return wb.encoder_for(info)[0].colors.shown()
+
         def on_apply_table(tab: dict[str, Any], rows: Any, request: gr.Request) -> list[Any]:
             user = request_user(request)
             try:
-                return apply_voices(tab, voices_from_rows(rows, current_voices(tab, user)), user)
+                vs = voices_from_rows(rows, current_voices(tab, user), shown_colors(tab, user))
+                return apply_voices(tab, vs, user)
             except VoiceSetError as e:
                 raise _error(e) from None
 
         def on_apply_yaml(tab: dict[str, Any], text: str, request: gr.Request) -> list[Any]:
+            user = request_user(request)
             try:
-                return apply_voices(tab, voices_from_yaml(text), request_user(request))
+                return apply_voices(tab, voices_from_yaml(text, shown_colors(tab, user)), user)
             except VoiceSetError as e:
                 raise _error(e) from None
+
+        def on_add_voice(rows: Any) -> Any:
+            return add_row(rows)
+
+        def on_pick_row(evt: gr.SelectData) -> int | None:
+            idx = evt.index
+            row = idx[0] if isinstance(idx, (list, tuple)) else idx
+            return int(row) if isinstance(row, int) else None
+
+        def on_remove_voice(rows: Any, row: int | None) -> tuple[Any, None]:
+            if row is None:
+                raise _error(WorkbenchError("click a cell of the voice to remove first"))
+            return remove_row(rows, row), None
+
+        def on_default_voices(tab: dict[str, Any], request: gr.Request) -> None:
+            user = request_user(request)
+            vs = current_voices(tab, user)
+            try:
+                wb.set_default_voices(vs, user)
+            except WorkbenchError as e:
+                raise _error(e) from None
+            gr.Info(f"New sessions start with the voices {vs.name or 'of this session'}.")
 
         def on_preset(tab: dict[str, Any], name: str | None, request: gr.Request) -> list[Any]:
             if name is None or name not in PRESETS:
@@ -598,13 +691,25 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         # -- dataset and compare tabs (logic in dataset_view / compare_view) -------------
 
         from ..data.lines import DatasetError
-        from .compare_view import BackendPair, compare_html, run_pair
+        from .compare_view import (
+            BackendPair,
+            compare_html,
+            lanes_frame,
+            run_pair,
+            summary_frame,
+        )
+        from .compare_view import voice_colors as compare_colors
         from .dataset_view import (
             example_html,
+            lengths_frame,
+            lengths_text,
             open_dataset,
             problems_html,
+            sample_dataset,
             stats_html,
             summary_text,
+            voice_colors,
+            voices_frame,
         )
 
         def on_ds_path(path: str | None) -> list[Any]:
@@ -622,14 +727,31 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             except (DatasetError, OSError, ValueError) as e:
                 raise _error(e) from None
             top = max(0, len(view.examples) - 1)
+            frame = voices_frame(view.stats)
+            order = list(frame["voice"])
             return [
                 view,
                 plain(summary_text(view)),
                 problems_html(view),
                 stats_html(view),
+                gr.BarPlot(frame, color_map=voice_colors(view.stats), sort=order),
+                frame,
+                gr.BarPlot(
+                    lengths_frame(view.stats),
+                    sort=list(lengths_frame(view.stats)["reply tokens"]),
+                    caption=lengths_text(view.stats),
+                ),
                 gr.update(maximum=top, value=0),
                 example_html(view, 0, config.voices),
             ]
+
+        def on_ds_sample() -> list[Any]:
+            # Made now by ``dataset synth`` (40 examples) in this server's private directory.
+            try:
+                path = sample_dataset(wb.new_export_dir(), config.voices)
+            except (OSError, ValueError) as e:
+                raise _error(e) from None
+            return [str(path), *on_ds_open(str(path))]
 
         def on_ds_index(view: Any, index: float | None) -> str:
             if view is None:
@@ -638,13 +760,20 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
 
         pair = BackendPair()
 
-        def on_compare(text: str) -> tuple[str, str, str]:
+        def on_compare(text: str) -> tuple[Any, ...]:
             try:
                 traces = run_pair(pair.get(), text, config.voices, seed=0, max_tokens=120)
             except Exception as e:  # a missing model or adapter is shown, not a crash
                 raise _error(e) from None
-            left, right, lanes = compare_html(traces, config.voices)
-            return left, right, lanes
+            left, right = compare_html(traces, config.voices)
+            colors = compare_colors(traces, config.voices)
+            longest = max(len(t.tokens) for t in traces)
+            return (
+                left,
+                right,
+                gr.ScatterPlot(lanes_frame(traces), color_map=colors, x_lim=[0, max(1, longest)]),
+                gr.BarPlot(summary_frame(traces), color_map=colors),
+            )
 
         # -- wiring ----------------------------------------------------------------------
 
@@ -664,11 +793,25 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             "concurrency_limit": MAX_WAITING_SENDS,
         }
         sent = prompt.submit(**send_args)
-        sent.then(refresh_sessions, tab_state, session_dd, show_progress="hidden")
+        sent.then(refresh_sessions, tab_state, [session_dd, title_tb], show_progress="hidden")
         clicked = send_btn.click(**send_args)
-        clicked.then(refresh_sessions, tab_state, session_dd, show_progress="hidden")
+        clicked.then(refresh_sessions, tab_state, [session_dd, title_tb], show_progress="hidden")
         stop_btn.click(on_stop, tab_state, None, show_progress="hidden", concurrency_limit=None)
-        save_settings_btn.click(on_save_settings, [tab_state, *settings_fields], None)
+        save_settings_btn.click(
+            on_save_settings, [tab_state, *settings_fields], [board, s_model_msg]
+        )
+        check_args = [s_backend, s_model, s_base]
+        s_backend.input(
+            on_backend, check_args, [s_model_msg, s_att, s_lens], show_progress="hidden"
+        )
+        s_model.blur(on_model, check_args, s_model_msg, show_progress="hidden")
+        s_base.blur(on_model, check_args, s_model_msg, show_progress="hidden")
+        voices_table.select(on_pick_row, None, voice_row, show_progress="hidden")
+        add_voice_btn.click(on_add_voice, voices_table, voices_table)
+        remove_voice_btn.click(
+            on_remove_voice, [voices_table, voice_row], [voices_table, voice_row]
+        )
+        default_voices_btn.click(on_default_voices, tab_state, None)
         apply_table_btn.click(
             on_apply_table, [tab_state, voices_table], voice_outputs, show_progress="hidden"
         )
@@ -682,7 +825,18 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         save_yaml_btn.click(on_save_yaml, tab_state, yaml_file)
         export_btn.click(on_export, [tab_state, export_kind, export_which], export_file)
         import_file_c.upload(on_import, import_file_c, view_outputs, show_progress="hidden")
-        ds_outputs = [ds_state, ds_summary, ds_problems, ds_stats, ds_index, ds_example]
+        ds_outputs = [
+            ds_state,
+            ds_summary,
+            ds_problems,
+            ds_stats,
+            ds_shares,
+            ds_voices,
+            ds_lengths,
+            ds_index,
+            ds_example,
+        ]
+        ds_sample.click(on_ds_sample, None, [ds_path, *ds_outputs])
         ds_open.click(on_ds_path, ds_path, ds_outputs)
         ds_path.submit(on_ds_path, ds_path, ds_outputs)
         ds_upload.upload(on_ds_open, ds_upload, ds_outputs)
@@ -690,7 +844,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
         cmp_args: dict[str, Any] = {
             "fn": on_compare,
             "inputs": cmp_prompt,
-            "outputs": [cmp_left, cmp_right, cmp_lanes],
+            "outputs": [cmp_left, cmp_right, cmp_lanes, cmp_summary],
             "concurrency_id": "compare",
             "concurrency_limit": 1,
         }
