@@ -532,3 +532,30 @@ def test_surprisal_fn_builds_the_turn_prompt_without_the_removed_turn() -> None:
     assert req.messages[-1].content == "[Echo]\nThe sky blue, you said: the sky blue."
     with pytest.raises(CouncilError, match="user's own"):
         f(0, frozenset())
+
+
+class _CharTokenizer:
+    """One token per character, with offsets (what a fast tokenizer reports)."""
+
+    def apply_chat_template(self, msgs: list[dict[str, str]], **kw: object) -> str:
+        return "".join(f"<{m['role']}>{m['content']}</>" for m in msgs) + "<assistant>"
+
+    def __call__(self, text: str, **kw: object) -> dict[str, list[tuple[int, int]]]:
+        return {"offset_mapping": [(i, i + 1) for i in range(len(text))]}
+
+
+def test_attention_context_spans_locate_earlier_turns_in_the_prompt() -> None:
+    b = ScriptedBackend(as_speaker())
+    b.tokenizer = _CharTokenizer()  # type: ignore[attr-defined]
+    c = Council(SEED, MEMBERS, b, "round-robin", attention=True)
+    c.say("hello there")
+    run_all(c, 2)
+    assert b.requests[1].attention
+    text = _CharTokenizer().apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in b.requests[1].messages]
+    )
+    spans = c.turns[2].context
+    assert [s[0] for s in spans] == [0, 1]  # the user's words and Echo's turn
+    for i, a, z in spans:
+        assert text[a:z] == c.turns[i].text
+    assert c.trace.turns[2]["context"] == spans  # recorded on the turn record

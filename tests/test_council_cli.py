@@ -73,6 +73,7 @@ def test_trace_holds_every_turn(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["--talkativeness", "Echo=2"], "--talkativeness 'Echo=2': expected NAME=P"),
         (["--mute", "Echo", "--members", "Echo"], "every member is muted"),
         (["--turns", "-1"], "--turns must be >= 0"),
+        (["--counterfactual"], "--counterfactual: backend 'replay' cannot score text"),
     ],
 )
 def test_usage_errors_are_one_line(

@@ -12,10 +12,19 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 
-from .council import DEFAULT_TURN_TOKENS, POLICIES, USER, Council, CouncilError, Turn
+from .council import (
+    DEFAULT_TURN_TOKENS,
+    POLICIES,
+    USER,
+    Council,
+    CouncilError,
+    Turn,
+    continuation_scorer,
+    surprisal_fn,
+)
 from .render import control_label, split_controls
 from .render.terminal import label_text, voice_style
-from .resonance import VoiceMatrix, echo_scores, voice_matrix
+from .resonance import VoiceMatrix, counterfactual_scores, echo_scores, voice_matrix
 from .voices import VoiceSet
 
 DEFAULT_MEMBERS = "Echo,Doubt,Pulse,Shift"
@@ -84,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="model: the most likely member speaks (default: sampled from the probabilities)",
     )
+    p.add_argument(
+        "--counterfactual",
+        action="store_true",
+        help="also print counterfactual resonance: how much less expected each turn is without "
+        "each earlier one (llamacpp or transformers; one scoring pass per pair; default: off)",
+    )
     p.add_argument("--trace", help="write the council trace JSONL here (default: none)")
     p.add_argument("--rate", type=float, default=0.0, help="replay: tokens/s, 0 = unthrottled")
     return p
@@ -114,8 +129,9 @@ def _talkativeness(specs: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def format_matrix(m: VoiceMatrix, title: str) -> str:
-    """A voice x voice matrix as a plain text table (rows: speaker, columns: drawn upon)."""
+def format_matrix(m: VoiceMatrix, title: str, percent: bool = True) -> str:
+    """A voice x voice matrix as a plain text table (rows: speaker, columns: drawn upon),
+    values as percentages or (``percent=False``) as signed numbers."""
     labels = list(m.labels)
     w = max([len(x) for x in labels] + [6])
     head = " " * (w + 2) + "  ".join(f"{x[:w]:>{w}}" for x in labels)
@@ -123,7 +139,12 @@ def format_matrix(m: VoiceMatrix, title: str) -> str:
     for r, name in enumerate(labels):
         if all(v is None for v in m.values[r]):
             continue  # a speaker with no earlier turns to draw on (the user, the first voice)
-        cells = [f"{'-':>{w}}" if v is None else f"{100 * v:>{w - 1}.0f}%" for v in m.values[r]]
+        cells = [
+            f"{'-':>{w}}"
+            if v is None
+            else (f"{100 * v:>{w - 1}.0f}%" if percent else f"{v:>+{w}.2f}")
+            for v in m.values[r]
+        ]
         rows.append(f"{name[:w]:<{w}}  " + "  ".join(cells))
     return "\n".join(rows)
 
@@ -220,6 +241,12 @@ def cmd_council(args: argparse.Namespace) -> int:
         backend = create_backend(args.backend, **opts)
     except (CouncilError, BackendError, TraceError) as e:
         raise UserError(str(e)) from None
+    if args.counterfactual and continuation_scorer(backend) is None:
+        backend.close()
+        raise UserError(
+            f"--counterfactual: backend {args.backend!r} cannot score text (use llamacpp or "
+            "transformers)"
+        )
     try:
         try:
             council = Council(
@@ -287,6 +314,22 @@ def _run(council: Council, args: argparse.Namespace, console: Console) -> int:
                 format_matrix(
                     m,
                     "resonance (echo): share of each speaker's words and phrases first said by",
+                )
+            )
+        )
+    if args.counterfactual and len(council.turns) > 1:
+        score = continuation_scorer(council.backend_for(council.members[0]))
+        assert score is not None  # checked before the run
+        tokenize = getattr(council.backend, "tokenize", None)
+        f = surprisal_fn(council.voices, council.members, council.turns, score, tokenize)
+        cf = counterfactual_scores(council.turns, f)
+        console.print()
+        console.print(
+            Text(
+                format_matrix(
+                    voice_matrix(council.turns, cf),
+                    "resonance (counterfactual): nats/token more surprising without",
+                    percent=False,
                 )
             )
         )
