@@ -39,18 +39,15 @@ def test_score_continuations_matches_the_generated_logprobs(backend: Any) -> Non
     ids = [t.token_id for t in trace.tokens]
     assert backend.tokenize(trace.text) == ids
     want = sum(t.logprob or 0.0 for t in trace.tokens)
-    got = backend.score_continuations(req, [trace.text, trace.text[:5]])
-    assert got[0] == pytest.approx(want, abs=0.05)
-    assert got[1] > got[0]  # a prefix of the reply is more likely than the whole
-    # A prefix moves the context: scoring the rest after it adds up to the whole.
-    head = backend.tokenize(trace.text)[:4]
     head_text = "".join(t.text for t in trace.tokens[:4])
+    assert backend.tokenize(head_text) == ids[:4]
+    got = backend.score_continuations(req, [trace.text, head_text])
+    assert got[0] == pytest.approx(want, abs=0.05)
+    assert got[1] == pytest.approx(sum(t.logprob or 0.0 for t in trace.tokens[:4]), abs=0.05)
+    # A prefix moves the context: scoring the rest after it adds up to the whole.
     rest = trace.text[len(head_text) :]
-    if backend.tokenize(head_text) == head:
-        split = (
-            backend.score_continuations(req, [head_text])[0]
-            + backend.score_continuations(req, [rest], prefix=head_text)[0]
-        )
+    if backend.tokenize(rest) == ids[4:]:
+        split = got[1] + backend.score_continuations(req, [rest], prefix=head_text)[0]
         assert split == pytest.approx(got[0], abs=0.05)
 
 
