@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .council import add_council_parser
 
     add_council_parser(sub)
+    from .vectors import add_vectors_parser
+
+    add_vectors_parser(sub)
     return p
 
 
@@ -81,6 +84,10 @@ def cli_eval(argv: list[str]) -> int:
         from .council import cli_council_eval
 
         return cli_council_eval(args)
+    if args.what == "vectors":
+        from .vectors import cli_vectors_eval
+
+        return cli_vectors_eval(args)
     from ..voices import VoiceSetError, resolve_voice_set
     from . import adherence as A
 
