@@ -145,6 +145,44 @@ def test_fair_queue_wait_wakes_on_a_change() -> None:
     assert time.monotonic() - t0 < 4.0
 
 
+def test_a_lost_waiter_cannot_hold_the_model() -> None:
+    q = FairQueue(stale_s=0.3)
+    a = q.join("ann")
+    b = q.join("bob")  # Bob's page and handler vanish: he never polls again
+    c = q.join("cy")
+    assert q.wait(c, None, 0) == 2
+    q.leave(a)  # the model goes to Bob, who does not come for it
+    assert q.running(b)
+    time.sleep(0.4)
+    assert q.wait(c, 2, 1.0) is None  # Cy's poll hands Bob's stale slot on
+    with pytest.raises(LookupError):
+        q.wait(b, None, 0)
+    # A waiter that polls keeps its place however long it waits.
+    d = q.join("dee")
+    for _ in range(4):
+        assert q.wait(d, 1, 0.1) == 1
+    q.leave(c)
+    assert q.wait(d, 1, 0) is None
+
+
+def test_the_model_is_free_when_the_reply_ends(tmp_path: Path) -> None:
+    """The slot goes back when the run ends, not when its page's generator is closed."""
+    wb = make_wb(tmp_path)
+    _, tab = wb.reset_payload(None, "ann")
+    gen = wb.send(tab, "quick", "ann")
+    first = json.loads(next(gen)[0])
+    run = wb.runs[first["run"]]
+    run.join(10)
+    assert run.done
+    deadline = time.monotonic() + 5
+    while wb.queue.snapshot()[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wb.queue.snapshot() == (0, {})  # while the generator is still suspended
+    gen.close()
+    assert wb.queue.snapshot() == (0, {})
+    wb.close()
+
+
 def test_a_waiting_user_sees_their_place(tmp_path: Path) -> None:
     wb = make_wb(tmp_path, rate=40.0)  # ~70 tokens: Ann's reply takes about 2 s
     _, ann_tab = wb.reset_payload(None, "ann")

@@ -15,10 +15,17 @@ from collections import OrderedDict, deque
 
 
 class FairQueue:
-    """Round-robin over users for ``slots`` concurrent replies (thread-safe)."""
+    """Round-robin over users for ``slots`` concurrent replies (thread-safe).
 
-    def __init__(self, slots: int = 1) -> None:
+    A waiter polls :meth:`wait`; one that has not polled for ``stale_s`` seconds (its page and
+    its handler are gone without a word) loses its place, and a slot granted to it is handed
+    on, so a lost waiter can never hold the model."""
+
+    def __init__(self, slots: int = 1, stale_s: float = 15.0) -> None:
         self.slots = slots
+        self.stale_s = stale_s
+        self._seen: dict[int, float] = {}  # ticket -> when its waiter last polled
+        self._claimed: set[int] = set()  # running tickets whose waiter saw the grant
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         # Users with waiting replies in the order they get the model next; each user's
@@ -32,15 +39,40 @@ class FairQueue:
         with self._cond:
             t = next(self._ids)
             self._user[t] = user
+            self._seen[t] = time.monotonic()
             self._waiting.setdefault(user, deque()).append(t)
             self._dispatch()
             return t
 
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for t in [t for t, seen in self._seen.items() if now - seen > self.stale_s]:
+            if t not in self._claimed:
+                self._forget(t)
+
+    def _forget(self, ticket: int) -> None:
+        user = self._user.pop(ticket, None)
+        self._seen.pop(ticket, None)
+        self._claimed.discard(ticket)
+        if ticket in self._running:
+            self._running.discard(ticket)
+        elif user is not None and user in self._waiting:
+            q = self._waiting[user]
+            try:
+                q.remove(ticket)
+            except ValueError:
+                pass
+            if not q:
+                del self._waiting[user]
+
     def _dispatch(self) -> None:
+        self._drop_stale()
         granted = False
         while len(self._running) < self.slots and self._waiting:
             user, tickets = next(iter(self._waiting.items()))
-            self._running.add(tickets.popleft())
+            t = tickets.popleft()
+            self._running.add(t)
+            self._seen[t] = time.monotonic()  # the waiter has stale_s to see the grant
             # This user had their turn: to the back of the round (or out, with nothing left).
             del self._waiting[user]
             if tickets:
@@ -72,11 +104,18 @@ class FairQueue:
 
     def wait(self, ticket: int, last: int | None, timeout: float) -> int | None:
         """Wait until this ticket gets the model, its place changes from ``last``, or
-        ``timeout`` seconds pass; returns None once it runs, else how many are ahead."""
+        ``timeout`` seconds pass; returns None once it runs, else how many are ahead.
+        Raises LookupError for a ticket that left or lost its place."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
+                if ticket not in self._user:
+                    raise LookupError(f"ticket {ticket} is not in the queue")
+                self._seen[ticket] = time.monotonic()
+                self._dispatch()
                 if ticket in self._running:
+                    self._claimed.add(ticket)
+                    self._seen.pop(ticket, None)  # running: it ends with leave()
                     return None
                 n = self._ahead(ticket)
                 left = deadline - time.monotonic()
@@ -92,17 +131,7 @@ class FairQueue:
     def leave(self, ticket: int) -> None:
         """The reply ended or its page went away: free its place (or its slot)."""
         with self._cond:
-            user = self._user.pop(ticket, None)
-            if ticket in self._running:
-                self._running.discard(ticket)
-            elif user is not None and user in self._waiting:
-                q = self._waiting[user]
-                try:
-                    q.remove(ticket)
-                except ValueError:
-                    pass
-                if not q:
-                    del self._waiting[user]
+            self._forget(ticket)
             self._dispatch()
             self._cond.notify_all()
 

@@ -476,6 +476,12 @@ class Workbench:
         evs.append(stats)
         return payload(info.id, evs, reset=True), n
 
+    def _wait_turn(self, ticket: int, last: int | None, timeout: float) -> int | None:
+        try:
+            return self.queue.wait(ticket, last, timeout)
+        except LookupError:
+            raise WorkbenchError("this reply lost its place in the queue: send it again") from None
+
     def send(self, tab: Tab, text: str, user: str | None = None) -> Iterator[tuple[str, Tab]]:
         """Add the user's message and stream the reply as payloads (closing it stops the reply).
 
@@ -496,7 +502,7 @@ class Workbench:
             s = self.settings_of(info)
             backend = self.backend_for(s)  # bad settings fail before the reply queues
             ticket = self.queue.join(owner or "")
-            ahead = self.queue.wait(ticket, None, 0)
+            ahead = self._wait_turn(ticket, None, 0)
             waited = ahead is not None
             if ahead is not None:
                 stop = self._waits[info.id] = threading.Event()
@@ -514,7 +520,7 @@ class Workbench:
                         # Re-yielding now and then also lets Gradio notice a page that left.
                         yield shown[0], Tab(info.id, shown[1])
                         beat = time.monotonic()
-                    ahead = self.queue.wait(ticket, last, 0.5)
+                    ahead = self._wait_turn(ticket, last, 0.5)
                 # The session may have changed while it waited (settings, voices, deleted).
                 fresh = self.session_info(info.id, user)
                 if fresh is None:
@@ -554,7 +560,17 @@ class Workbench:
                 self.store.update_session(info.id, settings={**s, "next_voice": None})
             gen = Generation(backend, request, vs, meta={"session": info.id}, steer=plan)
             run_id = secrets.token_urlsafe(6)
-            run = Run(run_id, gen, enc, self.store, reply.id, prefix)
+            held = ticket
+            # The model is free the moment the reply ends, whenever this generator is closed.
+            run = Run(
+                run_id,
+                gen,
+                enc,
+                self.store,
+                reply.id,
+                prefix,
+                on_done=lambda _run: self.queue.leave(held),
+            )
             self.active[info.id] = run
             self.runs[run_id] = run
             self._run_owner[run_id] = owner or ""
@@ -597,7 +613,7 @@ class Workbench:
                         if got is not None and got[0] is run.encoder:
                             self._encoders[info.id] = (got[0], got[1] + 2, got[2])
             if ticket is not None:
-                self.queue.leave(ticket)  # the next user's reply may start
+                self.queue.leave(ticket)  # (again, harmless) if it never ran or still waited
             lock.release()
 
     # -- steering ----------------------------------------------------------------------
