@@ -1,10 +1,14 @@
 """``thoughtform bench backend``: telemetry cost on the embedded model, side by side.
 
-One process, interleaved rounds: (a) plain llama-cpp-python streaming, no telemetry; (b) its own
-logprobs (``logits_all=True``, 5 alternatives); (c) thoughtform's ``llamacpp`` backend with full
-telemetry (10 alternatives, exact entropy, voice parsing, trace written to disk). The medians of
-tokens/s are compared. The transformers backend is measured in child processes (with and without
-attention capture) so that each one's peak memory is its own.
+One process, interleaved rounds (the order rotates each round): (a) plain llama-cpp-python
+streaming, no telemetry; (b) its own logprobs (``logits_all=True``, 5 alternatives); (c)
+thoughtform's ``llamacpp`` backend with full telemetry (10 alternatives, exact entropy, voice
+parsing, trace written to disk) on its owned decode loop; (d) the same on ``embedded-voices`` as
+the merged, requantized model from the user cache; (e) the same on ``embedded-voices`` with the
+adapter applied at run time. The medians of decode tokens/s are compared: c/a (target >= 0.97),
+d/c (the merged voices model against the base, target >= 0.9) and e/c. The transformers backend
+is measured in child processes (with and without attention capture) so that each one's peak
+memory is its own.
 """
 
 from __future__ import annotations
@@ -40,15 +44,17 @@ def bench_backend(
     n_ctx: int = 2048,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Measure tokens/s of (a) plain, (b) native logprobs, (c) thoughtform telemetry."""
+    """Measure decode tokens/s of (a) plain, (b) native logprobs, (c) thoughtform telemetry,
+    (d) embedded-voices merged and (e) embedded-voices with the runtime LoRA."""
     # Our backend module first: it sets the OpenMP wait policy before llama_cpp loads, and the
     # plain and native runs share that process-wide setting (a fair comparison).
     from ..backends.llamacpp import LlamaCppBackend, decode_threads  # isort: skip
     from llama_cpp import Llama
 
+    from ..adapters.merged import merged_voices_model
     from ..backends import GenerationRequest, Message, Sampling
     from ..generate import Generation
-    from ..models import embedded_gguf_path
+    from ..models import EMBEDDED_VOICES, embedded_gguf_path
     from ..prompting import voice_system_prompt
     from ..voices import PRESETS
 
@@ -60,7 +66,7 @@ def bench_backend(
 
     rss0 = _rss_mb()
     ours = LlamaCppBackend(path, n_ctx=n_ctx, n_threads=threads)
-    # All three decode with the same thread count (the backend's default unless --threads).
+    # All decode with the same thread count (the backend's default unless --threads).
     rss_ours = _rss_mb() - rss0
     prompt_text = ours.chat_prompt(GenerationRequest(messages=messages))
 
@@ -71,10 +77,23 @@ def bench_backend(
     native = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
     rss_native = _rss_mb() - rss2
 
+    # The merged model is built here if the cache lacks it (seconds, once), outside the timing.
+    t_merge = time.perf_counter()
+    merged_path = merged_voices_model()
+    merge_s = time.perf_counter() - t_merge
+    voices = {
+        "lora": LlamaCppBackend(EMBEDDED_VOICES, n_ctx=n_ctx, n_threads=threads, merged=False)
+    }
+    if merged_path is not None:
+        voices["merged"] = LlamaCppBackend(EMBEDDED_VOICES, n_ctx=n_ctx, n_threads=threads)
+    backends = {"telemetry": ours, **{f"voices_{k}": b for k, b in voices.items()}}
+
     # Each run reports decode speed: tokens after the first over the time since the first.
     # Prompt evaluation (which create_completion may skip through its prefix cache, while a
     # seeded request to our backend re-evaluates for repeatability) is reported apart.
-    first: dict[str, list[float]] = {"plain": [], "native": [], "telemetry": []}
+    keys = ["plain", "native", *backends]
+    first: dict[str, list[float]] = {k: [] for k in keys}
+    counts: dict[str, list[int]] = {k: [] for k in keys}
 
     def run_llama(llm: Any, seed: int, logprobs: int | None, key: str) -> float:
         llm.set_seed(seed)
@@ -97,38 +116,51 @@ def bench_backend(
             lp = chunk["choices"][0].get("logprobs")
             count += len(lp["tokens"]) if lp else 1
         first[key].append(t1 - t0)
+        counts[key].append(count)
         return (count - 1) / (time.perf_counter() - t1)
 
-    def run_ours(seed: int, trace_dir: str) -> float:
+    def run_ours(key: str, seed: int, trace_dir: str) -> float:
         req = GenerationRequest(
             messages=messages,
             sampling=Sampling(temperature=0.8, top_p=0.95, top_k=40, seed=seed, max_tokens=n),
             alternatives=10,
         )
-        gen = Generation(ours, req, vs, trace_path=os.path.join(trace_dir, f"t{seed}.jsonl"))
-        trace = gen.run()
+        trace_path = os.path.join(trace_dir, f"{key}-{seed}.jsonl")
+        trace = Generation(backends[key], req, vs, trace_path=trace_path).run()
         assert trace.finish is not None
         t_first = trace.tokens[0].t or 0.0
-        first["telemetry"].append(t_first)
+        first[key].append(t_first)
+        counts[key].append(len(trace.tokens))
         # The trace's end time includes the parser flush and the trace file's close.
         return (len(trace.tokens) - 1) / (trace.finish["timings"]["total_s"] - t_first)
 
-    res: dict[str, list[float]] = {"plain": [], "native": [], "telemetry": []}
+    def run(key: str, seed: int, trace_dir: str) -> float:
+        if key == "plain":
+            return run_llama(plain, seed, None, key)
+        if key == "native":
+            return run_llama(native, seed, 5, key)
+        return run_ours(key, seed, trace_dir)
+
+    res: dict[str, list[float]] = {k: [] for k in keys}
     with tempfile.TemporaryDirectory() as td:
         # Warm-up: first calls pay for page faults and graph allocation.
-        run_llama(plain, 0, None, "plain")
-        run_ours(0, td)
-        for k in first:
+        for k in keys:
+            run(k, 0, td)
+        for k in keys:
             first[k].clear()
+            counts[k].clear()
         for r in range(rounds):
-            seed = 100 + r
-            res["plain"].append(run_llama(plain, seed, None, "plain"))
-            res["native"].append(run_llama(native, seed, 5, "native"))
-            res["telemetry"].append(run_ours(seed, td))
+            # Rotate the order so that no variant always runs right after the same other one
+            # (on a shared machine, load changes within a round).
+            order = keys[r % len(keys) :] + keys[: r % len(keys)]
+            for k in order:
+                res[k].append(run(k, 100 + r, td))
     plain.close()
     native.close()
-    ours.close()
-    p, nat, tel = (statistics.median(res[k]) for k in ("plain", "native", "telemetry"))
+    for b in backends.values():
+        b.close()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    p, nat, tel = med["plain"], med["native"], med["telemetry"]
     out: dict[str, Any] = {
         "tokens": n,
         "rounds": rounds,
@@ -145,6 +177,18 @@ def bench_backend(
         "native_first_token_s": round(statistics.median(first["native"]), 3),
         "telemetry_first_token_s": round(statistics.median(first["telemetry"]), 3),
     }
+    for k in ("voices_merged", "voices_lora"):
+        if k in med:
+            out[f"{k}_tok_s"] = round(med[k], 2)
+            out[f"{k}_ratio_vs_base"] = round(med[k] / tel, 3)
+            out[f"{k}_first_token_s"] = round(statistics.median(first[k]), 3)
+    if "voices_merged" in med:
+        out["voices_merged_vs_lora"] = round(med["voices_merged"] / med["voices_lora"], 3)
+        out["voices_merged_model"] = str(merged_path)
+    else:
+        out["voices_merged_error"] = "no merged model (THOUGHTFORM_NO_MERGE set or build failed)"
+    out["voices_merge_lookup_s"] = round(merge_s, 3)  # a cache hit costs ~1 ms; a build seconds
+    out["tokens_per_run"] = {k: statistics.median(v) for k, v in counts.items()}
     if transformers:
         out.update(_bench_transformers(min(n, 64)))
     return out
