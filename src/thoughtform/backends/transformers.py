@@ -26,7 +26,6 @@ Telemetry conventions:
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import dataclasses
 import hashlib
@@ -51,6 +50,7 @@ from .base import (
     FinishReason,
     GenerationRequest,
     StreamEvent,
+    TokenEmitter,
     TokenEvent,
     alt_text,
 )
@@ -385,83 +385,8 @@ def _load_voices(
 # ---------------------------------------------------------------------------- streaming helpers
 
 
-class _Emitter:
-    """Decodes token bytes incrementally and holds back text that may begin a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending: list[TokenEvent] = []
-        self.stopped = False
-
-    def push(self, ev: TokenEvent, raw: bytes) -> list[TokenEvent]:
-        """Add one token (text computed here from ``raw``); return the tokens now safe to emit."""
-        text = self.dec.decode(raw)
-        self.pending.append(_replace_text(ev, text))
-        ptext = "".join(p.text for p in self.pending)
-        hit = min((k for k in (ptext.find(s) for s in self.stops) if k >= 0), default=-1)
-        if hit >= 0:
-            self.stopped = True
-            return self._cut(hit)
-        hold = 0
-        for n in range(min(len(ptext), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
-            if any(s.startswith(ptext[-n:]) for s in self.stops):
-                hold = n
-                break
-        # A token ending inside a UTF-8 character stays pending so that, if the stream ends
-        # there, the flushed replacement char lands on it and not on a new, fake token.
-        partial = bool(self.dec.getstate()[0])
-        limit = len(ptext) - hold
-        out: list[TokenEvent] = []
-        pos = 0
-        for i, p in enumerate(self.pending):
-            end = pos + len(p.text)
-            if end > limit or (partial and i == len(self.pending) - 1):
-                break
-            out.append(p)
-            pos = end
-        del self.pending[: len(out)]
-        return out
-
-    def _cut(self, hit: int) -> list[TokenEvent]:
-        """Tokens before a stop string starting at ``hit``; a straddling one is truncated."""
-        out: list[TokenEvent] = []
-        pos = 0
-        for p in self.pending:
-            end = pos + len(p.text)
-            if end <= hit:
-                out.append(p)
-            elif pos < hit:
-                # Its bytes no longer match its text, so they are dropped (unknown).
-                out.append(_replace_text(p, p.text[: hit - pos], keep_bytes=False))
-                break
-            else:
-                break
-            pos = end
-        self.pending = []
-        return out
-
-    def flush(self) -> list[TokenEvent]:
-        """Everything still held, the decoder's tail (an incomplete char) on the last token."""
-        tail = self.dec.decode(b"", final=True)
-        out = self.pending
-        self.pending = []
-        if tail and out and not self.stopped:
-            out[-1] = _replace_text(out[-1], out[-1].text + tail)
-        return out
-
-
-def _replace_text(ev: TokenEvent, text: str, keep_bytes: bool = True) -> TokenEvent:
-    return TokenEvent(
-        text=text,
-        token_id=ev.token_id,
-        bytes=ev.bytes if keep_bytes else None,
-        logprob=ev.logprob,
-        top=ev.top,
-        entropy=ev.entropy,
-        attention=ev.attention,
-        lens=ev.lens,
-    )
+# The stop-string holder is shared with llamacpp (one copy): base.TokenEmitter.
+_Emitter = TokenEmitter
 
 
 def _sample(logits: Any, temperature: float, top_k: int, top_p: float, gen: Any) -> int:
@@ -853,7 +778,8 @@ class TransformersBackend:
                 )
                 logp = torch.log_softmax(res.logits[0].float(), -1)
                 lp += float(sum(logp[j, s[j + 1]] for j in range(len(s) - 1)))
-                cache.crop(length)
+                # transformers 5 crops by a negative count (tokens to drop from the end).
+                cache.crop(-(cache.get_seq_length() - length))
             out.append(lp)
         return out
 
