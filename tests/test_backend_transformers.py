@@ -414,3 +414,78 @@ def test_pipeline_summarises_attention_per_voice_segment(backend: TransformersBa
         si = gen.segment_of(t.index)
         seg = trace.segments[si]
         assert seg.tokens and seg.tokens[0] <= t.index <= seg.tokens[-1]
+
+
+def _kl(p: Any, q: Any) -> float:
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_embedded_voices_is_the_adapter_llamacpp_runs(
+    backend: TransformersBackend, cache_dir: Path
+) -> None:
+    """``embedded-voices``: the shipped GGUF LoRA on the embedded model's weights. Its next-token
+    distributions match llama.cpp running the same base with the same adapter file, as closely
+    as the Q4_1/8-bit-activation noise allows (see test_export), and are far from the plain
+    model's; it speaks in voices; attention is summarised per voice segment."""
+    import numpy as np
+    import torch
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from thoughtform.adapters import voices_adapter_path
+    from thoughtform.models import embedded_gguf_path
+
+    voices = TransformersBackend("embedded-voices", cache_dir=cache_dir, threads=1)
+    try:
+        assert voices.model_name == "embedded-voices"
+        assert voices.loaded.info["lora_matrices"] == 30 * 7
+        assert voices.loaded.info["base_source"] == "cache"  # the module's cache, no reconversion
+        req = chat("Tell me about the sea.", 24, alternatives=0)
+        toks, fin = run(voices, req)
+        assert fin.reason in ("stop", "length") and toks
+        text = "".join(t.text for t in toks)
+        assert text.lstrip().startswith("[")  # a voice marker, unlike the plain model
+        ids = voices.encode_prompt(req)
+        gen = [t.token_id for t in toks if t.token_id is not None]
+        with torch.no_grad():
+            seq = torch.tensor([ids + gen])
+            lp = torch.log_softmax(
+                voices.model(seq).logits[0, len(ids) - 1 : len(ids) + len(gen) - 1].double(), -1
+            )
+        kl = {}
+        for name, lora in (("adapter", voices_adapter_path()), ("none", None)):
+            llm = llama_cpp.Llama(
+                model_path=str(embedded_gguf_path()),
+                lora_path=str(lora) if lora else None,
+                n_ctx=256,
+                n_threads=1,
+                logits_all=True,
+                verbose=False,
+            )
+            try:
+                llm.reset()
+                llm.eval(ids + gen)
+                scores = np.array(llm.scores[len(ids) - 1 : len(ids) + len(gen) - 1])
+                kl[name] = _kl(lp, torch.log_softmax(torch.tensor(scores, dtype=torch.float64), -1))
+            finally:
+                llm.close()
+        # Measured here: 0.004 nats with the adapter, 3.9 without it.
+        assert kl["adapter"] < 0.02 and kl["none"] > 30 * kl["adapter"], kl
+        # The voices model is the one whose attention per voice is worth seeing.
+        att_req = chat("Is the sea blue?", 16, attention=True, logit_lens=True)
+        g = Generation(voices, att_req, voices="seed")
+        trace = g.run()
+        assert any(s.voice != "main" for s in trace.segments)
+        assert all(t.attention is not None for t in trace.tokens[1:])
+        assert all(t.lens is not None and len(t.lens) == N_LAYERS for t in trace.tokens)
+    finally:
+        voices.close()
+
+
+def test_embedded_is_the_plain_embedded_gguf(backend: TransformersBackend, cache_dir: Path) -> None:
+    from thoughtform.backends.transformers import load_model
+    from thoughtform.models import embedded_gguf_path
+
+    got = load_model("embedded", cache_dir=cache_dir)
+    assert got.name == embedded_gguf_path().name and got.source == "cache"
+    w = backend.model.model.layers[3].self_attn.q_proj.weight
+    assert bool((got.model.model.layers[3].self_attn.q_proj.weight == w).all())

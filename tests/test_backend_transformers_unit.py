@@ -176,5 +176,5 @@ def test_missing_model_path_is_a_backend_error(tmp_path: Path) -> None:
         load_model(tmp_path / "notes.txt")
     with pytest.raises(BackendError, match=r"no config\.json"):
         load_model(tmp_path)
-    with pytest.raises(BackendError, match="cannot load model"):
+    with pytest.raises(BackendError, match="not a local path or a cached model"):
         load_model("no-such-org/no-such-model-xyz")
