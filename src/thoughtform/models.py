@@ -86,8 +86,8 @@ def resolve_llama_model(
             try:
                 from .adapters.merged import merged_voices_model
             except ImportError:
-                merged_voices_model = None
-            if merged_voices_model is not None:
+                pass
+            else:
                 path = merged_voices_model()
                 if path is not None:
                     return path, None

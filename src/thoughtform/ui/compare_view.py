@@ -6,9 +6,10 @@ from __future__ import annotations
 import html
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from ..backends.base import Backend, GenerationRequest, Message, Sampling
+from ..backends.base import Backend, GenerationRequest
 from ..generate import Generation
 from ..trace import Trace
 from ..voices import VoiceSet, resolve_voice_set
@@ -44,16 +45,14 @@ class BackendPair:
 def requests(
     prompt: str, voices: VoiceSet, seed: int = 0, max_tokens: int = 120
 ) -> tuple[GenerationRequest, GenerationRequest]:
-    """The plain model's request (voice system prompt first) and the tuned one's (prompt only)."""
-    from ..prompting import voice_system_prompt
+    """The plain model's request (voice system prompt first) and the tuned one's (prompt only),
+    built by the library's conversation layer like every other reply."""
+    from ..conversation import ChatSettings, build_request
 
-    sampling = Sampling(seed=seed, max_tokens=max_tokens)
-    system = voice_system_prompt(voices)
-    plain_msgs = ((Message("system", system),) if system else ()) + (Message("user", prompt),)
-    plain = GenerationRequest(messages=plain_msgs, sampling=sampling, alternatives=0)
-    tuned = GenerationRequest(
-        messages=(Message("user", prompt),), sampling=sampling, alternatives=0
-    )
+    history = [("user", prompt)]
+    plain_st = ChatSettings(model="embedded", seed=seed, max_tokens=max_tokens, alternatives=0)
+    plain = build_request(plain_st, voices, history)
+    tuned = build_request(replace(plain_st, model="embedded-voices"), voices, history)
     return plain, tuned
 
 
