@@ -779,30 +779,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("parse", help="split a transcript into voice segments")
-    p.add_argument("file", nargs="?", default="-")
-    p.add_argument("--voices", default="seed")
-    p.add_argument("--format", choices=["jsonl", "json", "text"], default="jsonl")
-    p.add_argument("--chunk", type=int, help="feed N characters at a time")
-    p.add_argument("--starts-in")
+    p.add_argument("file", nargs="?", default="-", help="a transcript, - for stdin")
+    p.add_argument("--voices", default="seed", help="voice set: preset or YAML path")
+    p.add_argument(
+        "--format", choices=["jsonl", "json", "text"], default="jsonl", help="output format"
+    )
+    p.add_argument("--chunk", type=int, help="feed N characters at a time (none: whole reads)")
+    p.add_argument("--starts-in", help="voice the text starts inside, e.g. think")
     p.set_defaults(func=cmd_parse)
 
     p = sub.add_parser("render", help="render a transcript or trace (HTML report or terminal)")
-    p.add_argument("file")
-    p.add_argument("--voices")
-    p.add_argument("--out", help="write a standalone HTML report here")
+    p.add_argument("file", help="a transcript or trace JSONL, - for stdin")
+    p.add_argument("--voices", help="voice set (none: the one recorded in the trace, else seed)")
+    p.add_argument("--out", help="write a standalone HTML report here (none: the terminal)")
     p.add_argument("--tokens", action="store_true", help="token mode: shading and alternatives")
-    p.add_argument("--title")
-    p.add_argument("--starts-in")
+    p.add_argument("--title", help="the report's title (none: from the trace)")
+    p.add_argument("--starts-in", help="voice the text starts inside, e.g. think")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("voices", help="list, show or create voice sets")
-    p.add_argument("action", choices=["list", "show", "init", "schema"])
-    p.add_argument("name", nargs="?")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("action", choices=["list", "show", "init", "schema"], help="what to do")
+    p.add_argument("name", nargs="?", help="show: a preset or YAML path; init: the file to write")
+    p.add_argument("--force", action="store_true", help="init: overwrite an existing file")
     p.set_defaults(func=cmd_voices)
 
     p = sub.add_parser("generate", help="generate one reply with token telemetry")
-    p.add_argument("--prompt")
+    p.add_argument("--prompt", help="what the model answers (required, not empty)")
     _gen_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -826,10 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_branch)
 
     p = sub.add_parser("compare", help="compare two branches voice by voice")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="a branch trace JSONL (e.g. the parent)")
+    p.add_argument("b", help="another branch trace JSONL")
     p.add_argument("--at", type=int, help="fork index (default: where they first differ)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="the embedded model and installed backends")
@@ -910,11 +912,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_proxy)
 
     p = sub.add_parser("bench", help="benchmarks (parse, backend, steer, branch, ui, proxy)")
-    p.add_argument("what", choices=["parse", "backend", "steer", "branch", "ui", "proxy"])
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--size-mb", type=float, default=10.0)
-    p.add_argument("--tokens", type=int, default=0)
-    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument(
+        "what", choices=["parse", "backend", "steer", "branch", "ui", "proxy"], help="which"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--size-mb", type=float, default=10.0, help="parse: input size in MB")
+    p.add_argument(
+        "--tokens", type=int, default=0, help="tokens per run, 0 = each bench's own default"
+    )
+    p.add_argument(
+        "--no-transformers", action="store_true", help="backend: skip the transformers runs"
+    )
     p.add_argument("--threads", type=int, help="backend bench: decode threads for all runs")
     p.set_defaults(func=cmd_bench)
 
@@ -939,7 +947,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vectors", help="voice vectors: train, path, list, show", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_vectors)
+    _say_defaults(ap)
     return ap
+
+
+def _say_defaults(ap: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default (one rule for every subcommand's --help)."""
+    for sub in ap._actions:
+        if not isinstance(sub, argparse._SubParsersAction):
+            continue
+        for p in sub.choices.values():
+            for a in p._actions:
+                if isinstance(a, argparse._HelpAction) or a.nargs == argparse.REMAINDER:
+                    continue
+                h = a.help or ""
+                if "default" in h.lower() or a.required or a.default is argparse.SUPPRESS:
+                    continue
+                d = a.default
+                if isinstance(a, argparse._StoreTrueAction):
+                    shown = "off"
+                elif d is None:
+                    shown = "none"
+                elif isinstance(d, list | tuple):
+                    shown = ", ".join(map(str, d)) or "none"
+                else:
+                    shown = str(d)
+                a.help = f"{h} (default: {shown})".strip()
 
 
 _DELEGATED: dict[str, Callable[[argparse.Namespace], int]] = {
