@@ -586,6 +586,25 @@ def test_voices_table_adds_and_removes_voices_without_recolouring(page: Any) -> 
     )
     left = page.evaluate(LEGEND_COLOURS)
     assert left == {k: v for k, v in after.items() if k != "Witness"}
+    # "Use for new sessions": a new session starts with this set (Echo and Glimmer declared).
+    page.get_by_role("tab", name="Voices").click()
+    page.click("#default-voices")
+    page.get_by_text("New sessions start with the voices mine").first.wait_for(timeout=10_000)
+    page.get_by_role("tab", name="Workbench").click()
+    new_session(page)
+    legend = page.evaluate(LEGEND_COLOURS)
+    assert legend == {"Echo": before["Echo"], "Glimmer": before["Glimmer"]}
+    # Back to the seed set for the tests after this one (they share the server).
+    page.get_by_role("tab", name="Voices").click()
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="seed", exact=True).click()
+    page.click("#use-preset")
+    page.wait_for_function(
+        "() => document.querySelector('#voices-yaml .cm-content').innerText.includes('name: seed')",
+        timeout=15_000,
+    )
+    page.click("#default-voices")
+    page.get_by_text("New sessions start with the voices seed").first.wait_for(timeout=10_000)
 
 
 def test_hidden_voices_are_per_session_and_never_hide_the_user(page: Any) -> None:
