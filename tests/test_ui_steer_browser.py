@@ -34,7 +34,7 @@ SEED_ORDER = ["Echo", "Doubt", "Pulse", "Glimmer", "Shift"]
 # Who-speaks-next at the five boundaries of the fixture reply (one more after its end).
 # A voice name that is markup must reach the page as text.
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
-CHOICES = [
+CHOICES: list[dict[str, Any]] = [
     {"probs": {"Echo": 0.5, "Doubt": 0.2, "Pulse": 0.1, HOSTILE: 0.05}, "forced": False},
     {"probs": {"Echo": 0.05, "Doubt": 0.6, "Pulse": 0.2, HOSTILE: 0.01}, "forced": True},
     {"probs": {"Echo": 0.1, "Doubt": 0.1, "Pulse": 0.7, HOSTILE: 0.0}, "forced": False},
