@@ -162,10 +162,13 @@ def test_strength_zero_is_no_vector_and_one_is_not(backend: Any, tmp_path: Path)
     assert plain.text.startswith("[Doubt]") and one.text.startswith("[Doubt]")
     assert ids(one) != ids(plain)
     assert any(r.vector for r in one.tokens) and not any(r.vector for r in zero.tokens)
-    # The unsteered scorer gives the unsteered run its own log-probabilities back.
-    lps = token_logprobs(backend, backend.prompt_ids(req), ids(plain))
-    own = [float(r.logprob or 0.0) for r in plain.tokens]
-    assert np.allclose(lps, own, atol=2e-2)
+    # The unsteered scorer gives the unsteered run its own log-probabilities back, up to the
+    # numerics of batched vs one-token decoding (measured: up to ~0.06 nats on a token); a
+    # position off by one would be off by whole nats.
+    lps = np.array(token_logprobs(backend, backend.prompt_ids(req), ids(plain)))
+    own = np.array([float(r.logprob or 0.0) for r in plain.tokens])
+    assert lps.shape == own.shape and np.abs(lps - own).max() < 0.25
+    assert abs(lps.sum() - own.sum()) < 0.05 * abs(own.sum()) + 0.5
 
 
 @pytest.mark.model

@@ -317,6 +317,7 @@ class VectorEval:
     temperature: float = 0.7
     top_p: float = 0.95
     voice_prompt: bool = True
+    first: int = 0  # index of prompts[0] in the whole prompt file (its seed is seed + first)
 
 
 def run_vector_eval(
@@ -333,7 +334,7 @@ def run_vector_eval(
 
     out: list[RunResult] = []
     total = len(cfg.steered) * len(cfg.strengths) * len(cfg.prompts)
-    for i, p in enumerate(cfg.prompts):
+    for i, p in enumerate(cfg.prompts, start=cfg.first):
         req = GenerationRequest(
             messages=build_messages(cfg.voices, [("user", p)], voice_prompt=cfg.voice_prompt),
             sampling=Sampling(
@@ -505,6 +506,19 @@ def add_vectors_parser(sub: Any) -> Any:
     )
     a.add_argument("--prompts", default=None, help="prompt file, one a line (default: shipped set)")
     a.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
+    a.add_argument(
+        "--skip-prompts",
+        type=int,
+        default=0,
+        help="start at prompt K (0-based; seeds stay seed+index: shards of one run)",
+    )
+    a.add_argument(
+        "--summarize",
+        nargs="+",
+        default=None,
+        metavar="SAVED",
+        help="generate nothing: the summary (and --plot) of --save files, e.g. shards merged",
+    )
     a.add_argument("--vectors", default="seed", help="vector directory or shipped set (seed)")
     a.add_argument("--voices", default="seed", help="voice set (default seed)")
     a.add_argument(
@@ -551,6 +565,8 @@ def cli_vectors_eval(args: Any) -> int:
         vs = resolve_voice_set(args.voices)
     except VoiceSetError as e:
         return _fail(str(e))
+    if args.summarize:
+        return _summarize_saved(args, vs)
     path = Path(args.prompts) if args.prompts else A.default_prompts_path()
     if not path.is_file():
         return _fail(f"{path}: no such file")
@@ -558,6 +574,9 @@ def cli_vectors_eval(args: Any) -> int:
         prompts = A.read_prompts(path)
     except UnicodeDecodeError:
         return _fail(f"{path}: not valid UTF-8")
+    if args.skip_prompts < 0:
+        return _fail(f"--skip-prompts must be >= 0, got {args.skip_prompts}")
+    prompts = prompts[args.skip_prompts :]
     if args.n_prompts is not None:
         if args.n_prompts < 1:
             return _fail(f"--n-prompts must be >= 1, got {args.n_prompts}")
@@ -604,6 +623,7 @@ def cli_vectors_eval(args: Any) -> int:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         voice_prompt=not args.no_voice_prompt,
+        first=args.skip_prompts,
     )
     t0 = time.perf_counter()
     save: Any = None
@@ -637,6 +657,42 @@ def cli_vectors_eval(args: Any) -> int:
     s["vectors"] = str(vset.path)
     s["max_tokens"] = args.max_tokens
     s["seconds"] = elapsed(t0)
+    return _report(s, args, vs)
+
+
+def _summarize_saved(args: Any, vs: VoiceSet) -> int:
+    """``--summarize``: the summary of saved replies (every file's lines pooled)."""
+    import json
+
+    from .cli import _fail
+
+    results: list[RunResult] = []
+    for name in args.summarize:
+        try:
+            lines = Path(name).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            return _fail(f"{name}: cannot read: {e}")
+        for k, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                results.append(RunResult.from_dict(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:
+                return _fail(f"{name}:{k}: not a saved reply ({e})")
+    if not results:
+        return _fail("--summarize: no saved replies")
+    voices = list(dict.fromkeys(r.voice for r in results))
+    strengths = sorted({0.0, *(r.strength for r in results)})
+    n = len({r.prompt for r in results})
+    s = summarize(results, voices, strengths, n, 1 / len(vs.voices) if vs.voices else None)
+    s["replies"] = len(results)
+    return _report(s, args, vs)
+
+
+def _report(s: dict[str, Any], args: Any, vs: VoiceSet) -> int:
+    """Write the plot if asked, then print the summary (JSON or a table)."""
+    import json
+
     if args.plot:
         write_plot(s, args.plot, vs)
     if args.json:
