@@ -296,6 +296,9 @@ def test_next_voice_opens_the_reply_on_the_real_model(browser: Any, model_server
         assert box.count() >= 1
         first = box.first
         assert first.get_attribute("data-chosen") == voice
+        # Placed live, right before the block it chose.
+        nxt = first.evaluate("b => b.nextElementSibling && b.nextElementSibling.dataset.voice")
+        assert nxt == voice
         first.locator(".tf-choice-btn").click()
         names = first.locator(".tf-choice-name").all_inner_texts()
         assert voice in names and len(names) == len(set(names)) >= 5
