@@ -12,7 +12,7 @@ from ..backends.base import GenerationRequest, Sampling
 from ..backends.replay import ReplayBackend
 from ..generate import Generation
 from ..parse import parse_text
-from ..trace import Trace, TraceError, is_trace_text, parse_trace_lines
+from ..trace import TokenRecord, Trace, TraceError, is_trace_text, parse_trace_lines
 from ..voices import VoiceSet
 from .store import SessionInfo, Store, StoredMessage
 
@@ -31,9 +31,15 @@ def safe_filename(title: str, suffix: str) -> str:
 
 
 def reply_trace(
-    info: SessionInfo, msgs: list[StoredMessage], which: int, voices: VoiceSet
+    info: SessionInfo,
+    msgs: list[StoredMessage],
+    which: int,
+    voices: VoiceSet,
+    store: Store | None = None,
 ) -> Trace | None:
-    """The trace of reply ``which`` (1-based; 0 or out of range = the last reply)."""
+    """The trace of reply ``which`` (1-based; 0 or out of range = the last reply); with
+    ``store``, its meta also holds the reply's loom branches (``branches``: the tree and each
+    child's tokens), which :func:`import_file` brings back."""
     replies = [i for i, m in enumerate(msgs) if m.role == "assistant"]
     if not replies:
         return None
@@ -49,6 +55,11 @@ def reply_trace(
         "messages": history,
         **{k: v for k, v in m.meta.items() if isinstance(k, str) and k not in ("kind",)},
     }
+    if store is not None:
+        tree = branch_tree(store, info.id, m.id)
+        if tree:
+            meta["message_id"] = m.id
+            meta["branches"] = tree
     if not m.tokens:
         return Trace(meta=meta, segments=parse_text(m.text, voices), source_text=m.text)
     gen = Generation(
@@ -64,6 +75,74 @@ def reply_trace(
     for orig, tok in zip(m.tokens, tokens, strict=False):
         tok.t = orig.t
     return Trace(meta=meta, tokens=tokens, segments=gen.trace.segments, finish=finish)
+
+
+def branch_tree(store: Store, sid: str, root_id: int) -> list[dict[str, Any]]:
+    """Every branch grown from reply ``root_id`` (oldest first, parents before children), each
+    with its fork, settings and the child reply (text, tokens, finish)."""
+    rows = store.branches(sid)
+    inside = {root_id}
+    mine = []
+    for r in rows:
+        if r.parent_id in inside:
+            inside.add(r.child_id)
+            mine.append(r)
+    if not mine:
+        return []
+    by_id = {m.id: m for m in store.messages(sid, branches=True)}
+    out = []
+    for r in mine:
+        c = by_id.get(r.child_id)
+        if c is None:
+            continue
+        out.append(
+            {
+                **r.to_dict(),
+                "reply": {
+                    "text": c.text,
+                    "status": c.status,
+                    "finish": c.finish,
+                    "meta": c.meta,
+                    "tokens": [t.to_dict() for t in c.tokens],
+                },
+            }
+        )
+    return out
+
+
+def import_branches(store: Store, sid: str, root_id: int, tree: Any) -> int:
+    """Re-create exported branches under reply ``root_id`` (ids remapped); returns how many."""
+    if not isinstance(tree, list):
+        return 0
+    new_id: dict[Any, int] = {}
+    n = 0
+    for b in tree:
+        if not isinstance(b, dict) or not isinstance(b.get("reply"), dict):
+            continue
+        # The exported root's id is not in new_id: its direct branches land on root_id.
+        parent = new_id.get(b.get("parent"), root_id)
+        reply = b["reply"]
+        toks = []
+        for i, t in enumerate(reply.get("tokens") or []):
+            try:
+                rec = TokenRecord.from_dict(t)
+            except (KeyError, TypeError, ValueError):
+                continue
+            rec.index = i
+            toks.append(rec)
+        meta = reply.get("meta") if isinstance(reply.get("meta"), dict) else {}
+        text = reply.get("text") if isinstance(reply.get("text"), str) else ""
+        msg = store.add_message(sid, "assistant", text, status="streaming", meta=meta)
+        store.append_tokens(msg.id, toks)
+        status = reply.get("status") if reply.get("status") in ("done", "cancelled") else "done"
+        fin = reply.get("finish") if isinstance(reply.get("finish"), dict) else None
+        store.finish_message(msg.id, str(status), fin)
+        fork: dict[str, Any] = b["fork"] if isinstance(b.get("fork"), dict) else {"at": 0}
+        settings: dict[str, Any] = b["settings"] if isinstance(b.get("settings"), dict) else {}
+        store.add_branch(sid, parent, fork, settings, msg.id)
+        new_id[b.get("child")] = msg.id
+        n += 1
+    return n
 
 
 def _md_escape(s: str) -> str:
@@ -137,6 +216,7 @@ def import_file(store: Store, path: str | Path, settings: dict[str, Any]) -> tup
             )
             store.append_tokens(msg.id, trace.tokens)
             store.finish_message(msg.id, status, finish)
+            import_branches(store, sid, msg.id, trace.meta.get("branches"))
         else:
             store.add_message(sid, "assistant", trace.text, meta={"imported": p.name})
         return sid, warnings

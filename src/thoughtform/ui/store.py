@@ -17,6 +17,7 @@ from typing import Any
 from ..trace import TokenRecord
 
 # 1: sessions, messages, tokens. 2: sessions.owner (the user a session belongs to; '' = shared).
+# (The loom's branches table has its own migration, _migrate_branches: it only adds a table.)
 SCHEMA_VERSION = 2
 _SID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -49,6 +50,71 @@ CREATE TABLE IF NOT EXISTS tokens(
   PRIMARY KEY(message_id, idx)
 ) WITHOUT ROWID;
 """
+
+
+# The loom (thoughtform.loom, ui/loom_view.py): each row is one branch of a reply, whose own
+# reply (child_id) is an ordinary assistant message of the session kept out of the conversation.
+_BRANCH_DDL = """
+CREATE TABLE IF NOT EXISTS branches(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+  parent_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+  fork_at INTEGER NOT NULL,
+  fork TEXT NOT NULL,
+  settings TEXT NOT NULL DEFAULT '{}',
+  child_id INTEGER NOT NULL UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
+  created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS branches_by_parent ON branches(parent_id, id);
+"""
+_NOT_BRANCH = "id NOT IN (SELECT child_id FROM branches)"
+
+
+def _migrate_branches(con: sqlite3.Connection) -> None:
+    """Add the branches table to a database written before the loom (sessions stay as they
+    were: no message is a branch)."""
+    with _tx_on(con):
+        for stmt in _BRANCH_DDL.split(";"):
+            if stmt.strip():
+                con.execute(stmt)
+
+
+@contextmanager
+def _tx_on(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+@dataclass
+class BranchRow:
+    """One branch: the reply it leaves (parent message), where and what it forces (a
+    ``Fork.to_dict``), the settings it ran with and the message holding its reply."""
+
+    id: int
+    session: str
+    parent_id: int
+    fork_at: int
+    fork: dict[str, Any]
+    settings: dict[str, Any]
+    child_id: int
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (export, the page)."""
+        return {
+            "id": self.id,
+            "parent": self.parent_id,
+            "fork_at": self.fork_at,
+            "fork": self.fork,
+            "settings": self.settings,
+            "child": self.child_id,
+            "created": self.created,
+        }
 
 
 class StoreError(RuntimeError):
@@ -145,6 +211,7 @@ class Store:
             (version,) = con.execute("PRAGMA user_version").fetchone()
             if int(version) < SCHEMA_VERSION:
                 con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        _migrate_branches(con)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -385,19 +452,24 @@ class Store:
         """How many messages a session has."""
         (n,) = (
             self._conn()
-            .execute("SELECT COUNT(*) FROM messages WHERE session_id=?", (sid,))
+            .execute("SELECT COUNT(*) FROM messages WHERE session_id=? AND " + _NOT_BRANCH, (sid,))
             .fetchone()
         )
         return int(n)
 
-    def messages(self, sid: str, tokens: bool = True) -> list[StoredMessage]:
-        """A session's messages in order, with their tokens (read in one snapshot)."""
+    def messages(
+        self, sid: str, tokens: bool = True, branches: bool = False
+    ) -> list[StoredMessage]:
+        """A session's messages in order, with their tokens (read in one snapshot); the
+        loom's branch replies only with ``branches`` (they are not part of the conversation)."""
         con = self._conn()
         con.execute("BEGIN")  # one read snapshot: a reply streaming meanwhile stays consistent
         try:
             rows = con.execute(
                 "SELECT id,seq,role,content,status,meta,finish,created FROM messages "
-                "WHERE session_id=? ORDER BY seq",
+                "WHERE session_id=? "
+                + ("" if branches else "AND " + _NOT_BRANCH)
+                + " ORDER BY seq",
                 (sid,),
             ).fetchall()
             out = [
@@ -420,6 +492,8 @@ class Store:
                     "WHERE m.session_id=? ORDER BY t.message_id,t.idx"
                 )
                 for mid, data in con.execute(q, (sid,)):
+                    if mid not in by_id:
+                        continue  # a branch reply's tokens (not asked for)
                     rec = _loads(data, None)
                     if not isinstance(rec, dict):
                         continue
@@ -434,3 +508,40 @@ class Store:
         finally:
             con.execute("COMMIT")
         return out
+
+    # -- branches (the loom) -------------------------------------------------------------
+
+    def add_branch(
+        self,
+        sid: str,
+        parent_id: int,
+        fork: dict[str, Any],
+        settings: dict[str, Any],
+        child_id: int,
+    ) -> BranchRow:
+        """Record that message ``child_id`` is a branch of ``parent_id`` at ``fork``."""
+        now = time.time()
+        at = int(fork.get("at") or 0)
+        with self._tx() as con:
+            for mid in (parent_id, child_id):
+                row = con.execute("SELECT session_id FROM messages WHERE id=?", (mid,)).fetchone()
+                if row is None or row[0] != sid:
+                    raise StoreError(f"no message {mid} in session {sid!r}")
+            cur = con.execute(
+                "INSERT INTO branches(session_id,parent_id,fork_at,fork,settings,child_id,created)"
+                " VALUES(?,?,?,?,?,?,?)",
+                (sid, parent_id, at, _dumps(fork), _dumps(settings), child_id, now),
+            )
+        return BranchRow(int(cur.lastrowid or 0), sid, parent_id, at, fork, settings, child_id, now)
+
+    def branches(self, sid: str) -> list[BranchRow]:
+        """Every branch of a session, oldest first."""
+        rows = self._conn().execute(
+            "SELECT id,session_id,parent_id,fork_at,fork,settings,child_id,created FROM branches"
+            " WHERE session_id=? ORDER BY id",
+            (sid,),
+        )
+        return [
+            BranchRow(r[0], r[1], r[2], r[3], _loads(r[4], {}), _loads(r[5], {}), r[6], r[7])
+            for r in rows
+        ]
