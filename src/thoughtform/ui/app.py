@@ -63,6 +63,7 @@ EXPORTS = ["Trace (JSONL)", "HTML report", "Markdown"]
 SCRIPTS = (
     "workbench.js",
     "steer.js",
+    "loom.js",
     "view-chat.js",
     "view-lanes.js",
     "view-tokens.js",
@@ -138,8 +139,15 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             return {"ok": False, "error": "bad steering request", "muted": [], "next": None}
         return steer_action(wb, sid, action, voice, request_user(request))
 
-    head = f"<style>{asset('workbench.css')}{asset('steer.css')}</style>" + "".join(
-        f"<script>{asset(name)}</script>" for name in SCRIPTS
+    def tf_loom(args: list[Any], request: gr.Request) -> dict[str, Any]:
+        """A loom call: [action, session_id, ...] (see ui/loom_view.loom_action)."""
+        from .loom_view import loom_action
+
+        return loom_action(wb, args, request_user(request))
+
+    head = (
+        f"<style>{asset('workbench.css')}{asset('steer.css')}{asset('loom.css')}</style>"
+        + "".join(f"<script>{asset(name)}</script>" for name in SCRIPTS)
     )
 
     with gr.Blocks(title="thoughtform", analytics_enabled=False, fill_width=True) as demo:
@@ -176,7 +184,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                     html_template='<div class="tf-wb" id="tf-wb"></div>',
                     js_on_load="window.thoughtform.mount(element, props, server, watch);",
                     head=head,
-                    server_functions=[tf_events, tf_attention, tf_steer],
+                    server_functions=[tf_events, tf_attention, tf_steer, tf_loom],
                     elem_id="workbench",
                     apply_default_css=False,
                 )
@@ -656,7 +664,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 out = d / safe_filename(info.title, ".md")
                 out.write_text(session_markdown(info, msgs, vs), encoding="utf-8")
                 return str(out)
-            trace = reply_trace(info, msgs, int(which or 0), vs)
+            trace = reply_trace(info, msgs, int(which or 0), vs, store=wb.store)
             if trace is None:
                 raise _error(WorkbenchError("this session has no reply to export yet"))
             if kind == "HTML report":

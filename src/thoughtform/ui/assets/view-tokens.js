@@ -182,6 +182,8 @@
         t.appendChild(tr);
       }
       p.appendChild(t);
+      // The loom (loom.js) adds "branch here" to every alternative.
+      if (this.wb.loom) this.wb.loom.popover(p, t, alts, rec, span);
     } else {
       p.appendChild(el("div", "tf-pop-none", "no alternatives recorded"));
     }
