@@ -171,19 +171,36 @@ def test_branch_from_an_alternative_on_the_real_model(
         page.wait_for_selector(f"{msg} .tf-loom-pos", timeout=30_000)
         assert pos(page, mid) == "2/2"  # the new branch is shown
         assert page.locator(f"{msg} .tf-loom-alt .tf-loom-block").count() >= 1
-        page.click(f"{msg} [data-action=loom-prev]")
-        assert pos(page, mid) == "1/2"
-        page.focus(msg)
-        page.keyboard.press("Alt+ArrowRight")
-        assert pos(page, mid) == "2/2"
         page.click(f"{msg} [data-action=loom-compare]")
         page.wait_for_selector(f"{msg} .tf-loom-lane[data-lane=B]", timeout=30_000)
         assert "fork at token 4" in str(page.text_content(f"{msg} .tf-loom-summary"))
         assert page.locator(f"{msg} .tf-loom-lane").count() == 2
-        # A reload still shows the branch (the tree is in the database).
+        page.click(f"{msg} [data-action=loom-close]")
+        page.click(f"{msg} [data-action=loom-prev]")
+        assert pos(page, mid) == "1/2"
+        # A voice boundary: let another voice speak there (its who-speaks-next probability shown).
+        choice = page.locator(f"{msg} .tf-choice").first
+        choice.locator(".tf-choice-btn").click()
+        voice_btn = choice.locator(".tf-loom-voices [data-action=branch-voice]").last
+        voice = str(voice_btn.get_attribute("data-voice"))
+        assert voice and "%" in str(voice_btn.text_content())
+        voice_btn.click()
+        loom_idle(page)
+        assert page.evaluate("document.querySelector('#tf-wb').dataset.loomError") is None
+        assert pos(page, mid) == "3/3"
+        assert voice in [
+            b.get_attribute("data-voice")
+            for b in page.locator(f"{msg} .tf-loom-alt .tf-loom-block").all()
+        ]
+        page.focus(msg)
+        page.keyboard.press("Alt+ArrowRight")
+        assert pos(page, mid) == "1/3"
+        page.keyboard.press("Alt+ArrowLeft")
+        assert pos(page, mid) == "3/3"
+        # A reload still shows the branches (the tree is in the database).
         page.goto(srv.url)
         page.wait_for_selector(f"{msg} .tf-loom-pos", timeout=60_000)
-        assert pos(page, mid) == "1/2"
+        assert pos(page, mid) == "1/3"
         assert page.errors == [], page.errors
         page.context.close()
     finally:
