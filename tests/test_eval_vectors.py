@@ -88,6 +88,27 @@ def test_plot_escapes_names_and_draws_a_line_per_voice() -> None:
     assert svg.count("<polyline") == 6  # 2 voices x 3 panels (one point still makes a line)
 
 
+def test_summarize_saved_replies_pools_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(rr("Doubt", 0.0, ["Echo"], 0.1, 10.0, 10).to_dict()) + "\n")
+    r1 = rr("Doubt", 1.0, ["Doubt"], 0.3, 11.0, 10)
+    r1.prompt = 1
+    b.write_text(json.dumps(r1.to_dict()) + "\n\n")
+    plot = tmp_path / "c.svg"
+    argv = ["eval", "vectors", "--summarize", str(a), str(b), "--plot", str(plot), "--json"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["replies"] == 2 and s["n_prompts"] == 2 and s["strengths"] == [0.0, 1.0]
+    assert s["per_voice"]["Doubt"]["class_gain"] == [0.0, 1.0]
+    assert s["default_strength"] == {"Doubt": 1.0} and s["mean_class_gain"] == 1.0
+    assert plot.read_text(encoding="utf-8").startswith("<svg")
+    b.write_text("{not json\n")
+    assert main(["eval", "vectors", "--summarize", str(b)]) == 2
+    assert f"{b}:1: not a saved reply" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -699,7 +699,7 @@ def _report(s: dict[str, Any], args: Any, vs: VoiceSet) -> int:
         print(json.dumps(s))
         return 0
     fmt = lambda x: "  n/a" if x is None else f"{x:5.2f}"  # noqa: E731
-    print(f"prompts {s['n_prompts']}, vectors {s['vectors']}, chance {fmt(s['chance'])}")
+    print(f"prompts {s['n_prompts']}, vectors {s.get('vectors', '?')}, chance {fmt(s['chance'])}")
     print(f"{'voice':<12} {'strength':>8} {'class':>6} {'gain':>6} {'p_next':>6} {'ppl x':>6}")
     for v, c in s["per_voice"].items():
         for k, st in enumerate(c["strengths"]):
