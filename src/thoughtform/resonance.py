@@ -5,9 +5,10 @@ turn ``j`` and an earlier turn ``i``, which :func:`voice_matrix` aggregates voic
 * **echo** (:func:`echo_scores`, any backend, from the text alone). A turn's *units* are its
   content words (:func:`thoughtform.evaluate.adherence.content_words`' rule: stop words and words
   under 3 letters dropped, the rest stemmed) and its phrases (two adjacent words of the text that
-  are both content words with only spaces between them, e.g. "sky blue"). Each unit is credited to the turn that used it first
-  (the user's messages included). ``echo[j][i]`` is the fraction of turn ``j``'s units first used
-  by turn ``i``: a turn's scores sum to at most 1, the rest being what it brought itself.
+  are both content words with only spaces between them, e.g. "sky blue"). Each unit is credited
+  to the turn that used it first (the user's messages included). ``echo[j][i]`` is the fraction
+  of turn ``j``'s units first used by turn ``i`` (0 for an earlier turn it took nothing from): a
+  turn's scores sum to at most 1, the rest being what it brought itself.
 * **attention** (:func:`attention_scores`, transformers backend). For each generated token of turn
   ``j``, the attention weight of its top source positions (the per-token
   :class:`~thoughtform.trace.AttentionSummary`, head-averaged) that falls on turn ``i``'s token
@@ -80,7 +81,9 @@ def echo_scores(turns: Sequence[Turn]) -> Scores:
                 src = first.get(u)
                 if src is not None:
                     credit[src] = credit.get(src, 0.0) + 1.0
-            out[t.index] = {i: n / len(units) for i, n in sorted(credit.items())}
+            out[t.index] = {
+                e.index: credit.get(e.index, 0.0) / len(units) for e in turns if e.index < t.index
+            }
         for u in units:
             first.setdefault(u, t.index)
     return out
