@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 from statistics import mean
@@ -16,6 +17,7 @@ from thoughtform.data.formats import check_reply
 from thoughtform.data.synth import (
     gerund,
     heldout_path,
+    keywords,
     sentence_diversity,
     split_sentences,
     synth,
@@ -24,6 +26,12 @@ from thoughtform.data.synth import (
     write_synth,
 )
 from thoughtform.data.validate import validate
+from thoughtform.evaluate.adherence import (
+    content_words,
+    default_prompts_path,
+    read_prompts,
+    reply_text,
+)
 from thoughtform.parse import parse_text
 from thoughtform.voices import PRESETS, VoiceSetError, voice_set_from_dict
 
@@ -77,10 +85,58 @@ def test_every_reply_is_clean_and_multi_voice(data2000: list[dict]) -> None:
 def test_variety_of_sentences(data2000: list[dict]) -> None:
     d = sentence_diversity(data2000, SEED)
     assert d["sentences"] > 8000
-    assert d["ratio"] > 0.8
+    assert d["ratio"] > 0.92
     assert d["most_repeated"][0]["count"] <= 20
     prompts = [ex["messages"][0]["content"] for ex in data2000]
     assert len(set(prompts)) / len(prompts) > 0.9
+
+
+def test_every_voice_speaks_of_the_prompt(data2000: list[dict]) -> None:
+    # Each voice's text shares a content word (the eval's rule) with the prompt it answers.
+    for ex in data2000:
+        prompt = content_words(ex["messages"][0]["content"])
+        for s in parse_text(ex["messages"][1]["content"], SEED):
+            assert content_words(s.text) & prompt, (ex["messages"][0]["content"], s.text)
+
+
+def test_no_word_in_a_large_share_of_replies(data2000: list[dict]) -> None:
+    # The grammar's own words (not taken from the prompt) vary: a word repeated in most replies
+    # whatever the question becomes a model's verbal tic ("voice" in 14 of 20 replies).
+    counts: Counter[str] = Counter()
+    for ex in data2000:
+        prompt = content_words(ex["messages"][0]["content"])
+        counts.update(content_words(reply_text(ex["messages"][1]["content"])) - prompt)
+    word, n = counts.most_common(1)[0]
+    assert n / len(data2000) < 0.15, word
+    assert counts["voice"] == 0
+
+
+def test_prompts_of_many_kinds(data2000: list[dict]) -> None:
+    prompts = [ex["messages"][0]["content"] for ex in data2000]
+
+    def share(kws: list[str]) -> float:
+        pats = [re.compile(rf"\b{re.escape(k)}\b") for k in kws]
+        return mean(any(p.search(x) for p in pats) for x in prompts)
+
+    # Personal decisions, questions of fact, poems and stories, how-to tasks, manners,
+    # definitions, comparisons and small talk all appear.
+    assert 0.15 < share([k for _, k, _ in L.TOPICS]) < 0.4
+    assert 0.2 < share([k for _, k, _, _ in L.SUBJECTS]) < 0.5
+    for pool in (
+        [k for _, _, k in L.TASKS],
+        [k for _, _, k in L.MANNERS],
+        list(L.WORDS),
+        [k for _, k, _, _ in L.PAIRS],
+        [k for _, k, _ in L.CHARACTERS],
+        [k for _, k in L.CHATS],
+    ):
+        assert 0.02 < share(pool) < 0.15, pool[:3]
+    verse = mean(bool(re.search(r"\b(poem|limerick|riddle|lullaby|ode)\b", p)) for p in prompts)
+    assert 0.03 < verse < 0.2
+    # The subjects are spread: no keyword is in more than 3% of the prompts.
+    kws = keywords("train")
+    per_kw = Counter(k for p in prompts for k in kws if re.search(rf"\b{re.escape(k)}\b", p))
+    assert len(per_kw) > 250 and max(per_kw.values()) < 0.03 * len(prompts)
 
 
 def test_voices_keep_their_manner(data2000: list[dict]) -> None:
@@ -117,30 +173,46 @@ def test_heldout_topics_never_reach_training_prompts(tmp_path: Path) -> None:
     train_prompts = {ex["messages"][0]["content"] for ex in train}
     held_prompts = {ex["messages"][0]["content"] for ex in held}
     assert not train_prompts & held_prompts
-    train_text = "\n".join(train_prompts)
-    held_kw = [k for _, k, _ in topics("heldout")]
-    assert held_kw and {k for _, k, _ in topics("train")}.isdisjoint(held_kw)
+    train_text = "\n".join(m["content"] for ex in train for m in ex["messages"])
+    held_kw = keywords("heldout")
+    assert len(held_kw) > 40 and set(keywords("train")).isdisjoint(held_kw)
+    assert {k for _, k, _ in topics("heldout")} <= set(held_kw)
     for kw in held_kw:
         assert not re.search(rf"\b{re.escape(kw)}\b", train_text, re.I), kw
-    # Every held-out prompt is about a held-out topic.
+    # Every held-out prompt is about a held-out subject.
     assert all(
         any(re.search(rf"\b{re.escape(k)}\b", p, re.I) for k in held_kw) for p in held_prompts
     )
 
 
-def test_grammar_never_contains_topic_words() -> None:
+def _grammar_text() -> list[str]:
     options = [o for opts in L.RULES.values() for o in opts]
-    options += [
-        *L.PROMPT_CORES,
-        *L.PROMPT_OPENERS,
-        *L.PROMPT_CLOSERS,
-        *L.PERSONS,
-        *L.FEELINGS,
-        *L.TIMES,
-    ]
-    for _, kw, _ in L.TOPICS:
+    for name in dir(L):
+        if name.endswith(("_CORES", "_CLOSERS", "_OPENERS")):
+            options += getattr(L, name)
+    return [*options, *L.PERSONS, *L.FEELINGS, *L.TIMES]
+
+
+def test_grammar_never_contains_topic_words() -> None:
+    options = _grammar_text()
+    for kw in keywords("train") + keywords("heldout"):
         pat = re.compile(rf"\b{re.escape(kw)}\b", re.I)
         assert not [o for o in options if pat.search(o)], kw
+
+
+def test_every_slot_is_a_rule_or_context() -> None:
+    # A misspelt slot would silently disable its sentence (a context slot is only optional).
+    slots = {k for o in _grammar_text() for _, k in re.findall(r"\{(\^?)([a-z_0-9]+)\}", o)}
+    prompt_only = {"phrase"}
+    assert slots - set(L.RULES) - L.CONTEXT - prompt_only == set()
+    assert L.CONTEXT.isdisjoint(L.RULES)
+
+
+def test_eval_prompts_are_unseen_subjects() -> None:
+    # The eval prompts test generalisation: no synth subject is a content word of them.
+    eval_words = set().union(*(content_words(p) for p in read_prompts(default_prompts_path())))
+    kws = keywords("train") + keywords("heldout")
+    assert [k for k in kws if content_words(k) & eval_words] == []
 
 
 def test_synth_output_validates_and_system_prompt(tmp_path: Path) -> None:

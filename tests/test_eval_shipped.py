@@ -13,12 +13,9 @@ from thoughtform.evaluate import adherence as A
 pytestmark = pytest.mark.model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "train" / "tiny.jsonl"
-# Fixed prompts of kinds the synthetic training data never has (facts, fiction, small talk).
-PROMPTS = [
-    "Why is the sky blue?",
-    "Write a short poem about a lighthouse.",
-    "How do airplanes fly?",
-]
+# Every fifth eval prompt: subjects the synthetic training data never has (its keywords are
+# disjoint from these prompts' content words, see test_data_synth).
+PROMPTS = A.read_prompts(A.default_prompts_path())[::5]
 
 
 def test_shipped_adapter_is_a_small_gguf_lora() -> None:
@@ -37,7 +34,7 @@ def test_shipped_adapter_is_a_small_gguf_lora() -> None:
     assert report["steps"] >= 50 and report["loss_after"] < report["loss_before"]
 
 
-def test_shipped_adapter_speaks_in_voices() -> None:
+def test_shipped_adapter_speaks_in_voices_about_the_prompt() -> None:
     pytest.importorskip("llama_cpp")
     # 80 tokens hold two or more voices; the eval CLI's full 160 would double the test's time.
     replies = A.generate_replies(
@@ -47,6 +44,12 @@ def test_shipped_adapter_speaks_in_voices() -> None:
     assert all(c.ok for c in checks), list(zip(replies, checks, strict=True))
     # Different prompts get different replies (it answers the prompt, not one memorised text).
     assert len(set(replies)) == len(replies)
+    # Issue 13's targets: the replies take up their own prompt's words, far above the level of
+    # mismatched pairs, and no word from outside the prompts runs through many replies.
+    assert A.relevance(PROMPTS, replies) >= 0.9, list(zip(PROMPTS, replies, strict=True))
+    assert A.relevance_shuffled(PROMPTS, replies) < 0.3
+    rate, word = A.tic(PROMPTS, replies)
+    assert rate <= 0.3, (word, replies)
 
 
 def test_eval_cli_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,6 +63,17 @@ def test_eval_cli_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert rc == 0
     s = json.loads(out)
-    assert list(s) == ["n", "base", "tuned", "voice_accuracy", "copied_sentence_rate", "distinct2"]
+    assert list(s)[:6] == [
+        "n",
+        "base",
+        "tuned",
+        "voice_accuracy",
+        "copied_sentence_rate",
+        "distinct2",
+    ]
+    assert {"relevance", "relevance_shuffled", "tic_rate", "tic_word"} <= set(s)
     assert s["n"] == 1
-    assert all(0.0 <= s[k] <= 1.0 for k in ("base", "tuned", "copied_sentence_rate", "distinct2"))
+    keys = ("base", "tuned", "copied_sentence_rate", "distinct2", "relevance", "tic_rate")
+    assert all(0.0 <= s[k] <= 1.0 for k in keys)
+    # One prompt has no mismatched pair to compare with.
+    assert s["relevance_shuffled"] == 0.0

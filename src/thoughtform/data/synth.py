@@ -1,9 +1,13 @@
 """Synthetic voiced conversations: varied prompts, multi-voice replies, each voice in character.
 
+Prompts come in many kinds (personal decisions, questions of fact, how-to tasks, poems and
+stories, words to define, things to compare, manners, small talk) over a few hundred subjects.
 Replies are built from a compositional grammar (:mod:`.lexicon`): sentence templates x slot
-fillers x words taken from the prompt, so a model trained on them learns each voice's manner
-rather than a few memorised sentences. Deterministic for a seed; the held-out split uses topics
-(and so topic words) that never appear in the training split.
+fillers x the prompt's own words (its subject, its verb, a quoted fragment), so every voice
+speaks about what was asked, from its own angle, and a model trained on them learns each
+voice's manner and to take up the prompt's words rather than a few memorised sentences.
+Deterministic for a seed; the held-out split uses subjects (and so keywords) that never appear
+in the training split.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypeVar
 
 from ..parse import parse_text
 from ..voices import Voice, VoiceSet, resolve_voice_set
@@ -23,6 +27,7 @@ from .convert import dumps_example
 from .formats import render_voices
 
 Split = Literal["train", "heldout"]
+T = TypeVar("T")
 
 _SLOT = re.compile(r"\{(\^?)([a-z_0-9]+)\}")
 _PERSON = re.compile(r"\b(I'm|I've|I'd|I'll|I|me|my|mine|myself|we|us|our|ours)\b")
@@ -91,10 +96,31 @@ def _cap(s: str) -> str:
     return s
 
 
+def _in_split(i: int, split: Split) -> bool:
+    return (i % L.HELDOUT_EVERY == L.HELDOUT_OFFSET) == (split == "heldout")
+
+
+def _pool(entries: Sequence[T], split: Split) -> list[T]:
+    """The entries of one split of a subject pool (the vocabulary split between the splits)."""
+    return [e for i, e in enumerate(entries) if _in_split(i, split)]
+
+
 def topics(split: Split) -> list[tuple[str, str, tuple[str, ...]]]:
-    """The topics of one split (the vocabulary split between training and held-out prompts)."""
-    held = split == "heldout"
-    return [t for i, t in enumerate(L.TOPICS) if (i % L.HELDOUT_EVERY == L.HELDOUT_OFFSET) == held]
+    """The personal-decision topics of one split."""
+    return _pool(L.TOPICS, split)
+
+
+def keywords(split: Split) -> list[str]:
+    """Every subject keyword of one split, over all kinds of prompt."""
+    out = [k for _, k, _ in _pool(L.TOPICS, split)]
+    out += [k for _, k, _, _ in _pool(L.SUBJECTS, split)]
+    out += [k for _, _, k in _pool(L.TASKS, split)]
+    out += [k for _, _, k in _pool(L.MANNERS, split)]
+    out += _pool(L.WORDS, split)
+    out += [k for _, a, _, b in _pool(L.PAIRS, split) for k in (a, b)]
+    out += [k for _, k, _ in _pool(L.CHARACTERS, split)]
+    out += [k for _, k in _pool(L.CHATS, split)]
+    return out
 
 
 class Grammar:
@@ -104,9 +130,10 @@ class Grammar:
         self.rng = rng
         self.rules = rules
         self.ctx: dict[str, str] = {}
-        # Optional prompt slots each option needs: options needing absent ones are not picked.
+        # Context slots each option needs: options needing absent ones are not picked, so a
+        # reply only speaks of what its prompt said.
         self._needs = {
-            o: frozenset(k for _, k in _SLOT.findall(o) if k.startswith("p_"))
+            o: frozenset(k for _, k in _SLOT.findall(o) if k not in rules)
             for opts in rules.values()
             for o in opts
         }
@@ -136,8 +163,10 @@ def _quote(rng: random.Random, text: str, topic: str) -> str:
     """A 3-6 word fragment of one sentence of the user's, on content words, touching the topic."""
     sentences = split_sentences(text)
     text = next((s for s in sentences if topic in s), text)
-    words = [w.strip('.,?!:;"') for w in text.split()]
-    words = [w for w in words if w]
+    raw = [w for w in text.split() if w.strip('.,?!:;"')]
+    words = [w.strip('.,?!:;"') for w in raw]
+    # A fragment never runs across a comma or colon ("kid: a lost astronaut" is two thoughts).
+    breaks = [w.endswith((",", ":", ";")) for w in raw]
     key = {w.lower() for w in topic.split() if w.lower() not in _STOP and len(w) > 2}
     spans = [
         (i, j)
@@ -145,6 +174,7 @@ def _quote(rng: random.Random, text: str, topic: str) -> str:
         for j in range(i + 3, min(i + 6, len(words)) + 1)
         if words[i].lower() not in _STOP
         and words[j - 1].lower() not in _STOP
+        and not any(breaks[i : j - 1])
         # End where a thought ends: on a topic word or at the end of the sentence.
         and (j == len(words) or words[j - 1].lower() in key)
     ]
@@ -162,44 +192,122 @@ class _Prompt:
     ctx: dict[str, str]
 
 
-def _prompt(g: Grammar, pool: list[tuple[str, str, tuple[str, ...]]]) -> _Prompt:
-    rng = g.rng
-    phrase, keyword, verbs = rng.choice(pool)
-    verb = rng.choice(verbs)
-    user = {
-        "phrase": phrase,
+def _plural(kw: str) -> bool:
+    return kw.endswith("s") and not kw.endswith(("ss", "is", "us"))
+
+
+def _number(plural: bool) -> dict[str, str]:
+    """Agreement slots: ``{np} look{s3}``, ``{np} {be}``, ``{aux} {np} ...``; ``pl`` if plural."""
+    if plural:
+        return {"s3": "", "be": "are", "has": "have", "aux": "do", "pl": ""}
+    return {"s3": "s", "be": "is", "has": "has", "aux": "does"}
+
+
+def _verb_slots(verb: str) -> dict[str, str]:
+    return {
         "verb": verb,
         "verb_ing": gerund(verb),
+        "verb_it": with_object(verb),
+        "verb_ing_it": with_object(gerund(verb)),
+    }
+
+
+def _kind(rng: random.Random, split: Split) -> tuple[str, tuple[str, ...], dict[str, str], str]:
+    """One kind of prompt: (kind, its core templates, the prompt's words, the quoted topic).
+
+    The words are the slots both the prompt and the reply may use, as the user says them.
+    """
+    kind = rng.choices([k for k, _ in L.KINDS], weights=[w for _, w in L.KINDS])[0]
+    w: dict[str, str]
+    if kind == "decide":
+        phrase, kw, verbs = rng.choice(_pool(L.TOPICS, split))
+        w = {"phrase": phrase, "np": phrase, "kw": kw, **_verb_slots(rng.choice(verbs))}
+        w |= _number(_plural(kw))
+        return kind, L.PROMPT_CORES, w, phrase
+    if kind in ("fact_act", "fact", "make"):
+        np_, kw, plural, acts = rng.choice(_pool(L.SUBJECTS, split))
+        w = {"np": np_, "kw": kw, **_number(plural)}
+        cores: tuple[str, ...]
+        if kind == "fact_act":
+            act = rng.choice(acts)
+            w |= {"act": act, "act_ing": gerund(act)}
+            cores = L.FACT_ACT_CORES
+        else:
+            cores = L.FACT_CORES if kind == "fact" else L.MAKE_CORES
+        return kind, cores, w, np_
+    if kind == "story":
+        np_, kw, whos = rng.choice(_pool(L.CHARACTERS, split))
+        return kind, L.STORY_CORES, {"np": np_, "kw": kw, "who": rng.choice(whos)}, np_
+    if kind == "task":
+        verb, np_, kw = rng.choice(_pool(L.TASKS, split))
+        w = {"np": np_, "kw": kw, **_verb_slots(verb), **_number(_plural(kw))}
+        return kind, L.TASK_CORES, w, np_
+    if kind == "manners":
+        act, np_, kw = rng.choice(_pool(L.MANNERS, split))
+        w = {"act": act, "act_ing": gerund(act), "np": np_, "kw": kw, **_number(_plural(kw))}
+        return kind, L.MANNERS_CORES, w, np_
+    if kind == "word":
+        word = rng.choice(_pool(L.WORDS, split))
+        return kind, L.WORD_CORES, {"np": word, "kw": word, **_number(False)}, word
+    if kind == "pair":
+        a, ka, b, kb = rng.choice(_pool(L.PAIRS, split))
+        w = {"np": a, "kw": ka, "np2": b, "kw2": kb, **_number(False)}
+        return kind, L.PAIR_CORES, w, a
+    np_, kw = rng.choice(_pool(L.CHATS, split))
+    return "chat", L.CHAT_CORES, {"np": np_, "kw": kw, **_number(False)}, np_
+
+
+def _question(kind: str, core: str, w: dict[str, str]) -> str | None:
+    """The prompt's question restated in the reply's words (``why do owls hunt``), if any."""
+    if kind == "task":
+        return f"how to {w['verb']} {to_second_person(w['np'])}"
+    if kind != "fact_act":
+        return None
+    wh = "how" if core.startswith("how") else "why"
+    return f"{wh} {w['aux']} {w['np']} {w['act']}"
+
+
+def _prompt(g: Grammar, split: Split) -> _Prompt:
+    rng = g.rng
+    kind, cores, words, topic = _kind(rng, split)
+    user = {
+        **words,
         "p_feeling": rng.choice(L.FEELINGS),
         "p_person": rng.choice(L.PERSONS),
         "p_time": rng.choice(L.TIMES),
     }
-    core = rng.choice(L.PROMPT_CORES)
+    core = rng.choice(cores)
     in_core = {k for _, k in _SLOT.findall(core)}
-    # A closer never repeats a slot the core already used ("I'm tired. ... I feel tired.").
-    closer = rng.choice(
-        [c for c in L.PROMPT_CLOSERS if not {k for _, k in _SLOT.findall(c)} & in_core]
+    closers = (
+        ("",) if kind == "chat" else L.PROMPT_CLOSERS if kind == "decide" else L.QUESTION_CLOSERS
     )
+    # A closer never repeats a slot the core already used ("I'm tired. ... I feel tired.").
+    closer = rng.choice([c for c in closers if not {k for _, k in _SLOT.findall(c)} & in_core])
     used = in_core | {k for _, k in _SLOT.findall(closer)}
     g.ctx = user
-    opener = rng.choice(L.PROMPT_OPENERS)
+    opener = "" if kind == "chat" else rng.choice(L.PROMPT_OPENERS)
     body = g.expand(core)
     # A new sentence after the opener ("Hi. Should I...") starts upper case; "So, should I" not.
     if not opener or opener.endswith((". ", "? ")):
         body = _cap(body)
     text = _cap(opener + body + g.expand(closer))
-    ctx = {
-        "phrase": to_second_person(phrase),
-        "keyword": keyword,
-        "verb": verb,
-        "verb_ing": gerund(verb),
-        "verb_it": with_object(verb),
-        "verb_ing_it": with_object(gerund(verb)),
-        "quote": _quote(rng, body, phrase),
-        # One person and feeling per conversation, so the voices agree with each other.
-        "person": user["p_person"],
-        "feeling": user["p_feeling"],
-    }
+    # The reply's context: what the prompt said (in the second person), and nothing else.
+    ctx = {k: to_second_person(v) for k, v in words.items() if k != "phrase"}
+    # A verb the prompt did not say is not the reply's to use.
+    if not used & {"verb", "verb_ing"}:
+        for k in ("verb", "verb_ing", "verb_it", "verb_ing_it"):
+            ctx.pop(k, None)
+    if not used & {"act", "act_ing"}:
+        for k in ("act", "act_ing"):
+            ctx.pop(k, None)
+    ctx["quote"] = _quote(rng, body, topic)
+    ctx[f"k_{'fact' if kind.startswith('fact') else kind}"] = ""
+    question = _question(kind, core, words)
+    if question and (used & {"act", "verb"}):
+        ctx["question"] = question
+    # One person and feeling per conversation, so the voices agree with each other.
+    ctx["person"] = user["p_person"]
+    ctx["feeling"] = user["p_feeling"]
     for k in ("p_feeling", "p_person", "p_time"):
         if k in used:
             ctx[k] = user[k]
@@ -262,10 +370,9 @@ def synth(
     names = ",".join(v.name for v in pool)
     rng = random.Random(f"thoughtform-synth:{seed}:{split}:{names}")
     g = Grammar(rng)
-    topic_pool = topics(split)
     sys_text = system_prompt(vs) if system else None
     for _ in range(n):
-        p = _prompt(g, topic_pool)
+        p = _prompt(g, split)
         g.ctx = p.ctx
         parts = [(v.name, _voice_text(g, v)) for v in _order(rng, pool)]
         msgs = [{"role": "system", "content": sys_text}] if sys_text else []
