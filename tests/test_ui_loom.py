@@ -15,7 +15,7 @@ import pytest
 
 from thoughtform.trace import Alternative, TokenRecord, Trace, load_trace
 from thoughtform.ui.config import ServeConfig
-from thoughtform.ui.export import import_file, reply_trace
+from thoughtform.ui.export import import_file, reply_trace, session_markdown
 from thoughtform.ui.loom_view import (
     branch_message,
     compare_messages,
@@ -127,6 +127,10 @@ def test_export_carries_the_tree_and_import_brings_it_back(tree: Any, tmp_path: 
     assert [b["parent"] for b in tree_meta] == [root, kid]
     assert tree_meta[0]["reply"]["tokens"][-1]["text"] == HOSTILE
     assert [t.text for t in tr.tokens] == [t for t, _ in PARENT]  # the root is the trace
+    md = session_markdown(info, st.messages(sid), VS, store=st)
+    assert f"### Branch of message {root} at token 4 (token id: 9)" in md
+    assert f"### Branch of message {kid} at token 5 (text: Drum)" in md
+    assert "~~~~text\nA beat" + HOSTILE in md  # model text only inside fences
     out = tmp_path / "r.jsonl"
     tr.save(out)
     assert load_trace(out).meta["branches"][1]["fork"] == {"at": 5, "text": "Drum"}

@@ -662,7 +662,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             d = wb.new_export_dir()
             if kind == "Markdown":
                 out = d / safe_filename(info.title, ".md")
-                out.write_text(session_markdown(info, msgs, vs), encoding="utf-8")
+                out.write_text(session_markdown(info, msgs, vs, store=wb.store), encoding="utf-8")
                 return str(out)
             trace = reply_trace(info, msgs, int(which or 0), vs, store=wb.store)
             if trace is None:

@@ -157,21 +157,47 @@ def _fence(text: str) -> str:
     return "~" * max(4, longest + 1)
 
 
-def session_markdown(info: SessionInfo, msgs: list[StoredMessage], voices: VoiceSet) -> str:
+def _md_blocks(text: str, voices: VoiceSet) -> list[str]:
+    out: list[str] = []
+    for seg in parse_text(text, voices):
+        if not seg.text.strip():
+            continue
+        if seg.voice != voices.default_voice:
+            out += [f"**{_md_escape(seg.voice)}**", ""]
+        fence = _fence(seg.text)
+        out += [f"{fence}text", seg.text.replace("\r", ""), fence, ""]
+    return out
+
+
+def session_markdown(
+    info: SessionInfo, msgs: list[StoredMessage], voices: VoiceSet, store: Store | None = None
+) -> str:
     """The session as Markdown: one heading per message, each voice's text in a fenced block
-    (so no model text can become HTML, a link or an image when the file is rendered)."""
+    (so no model text can become HTML, a link or an image when the file is rendered); with
+    ``store``, each reply's loom branches follow it (one heading per branch)."""
     out = [f"# {_md_escape(info.title)}", ""]
     for m in msgs:
         who = {"user": "You", "assistant": "Model"}.get(m.role, m.role)
         note = "" if m.status == "done" else f" ({_md_escape(m.status)})"
         out += [f"## {_md_escape(who)}{note}", ""]
-        for seg in parse_text(m.text, voices):
-            if not seg.text.strip():
-                continue
-            if seg.voice != voices.default_voice:
-                out += [f"**{_md_escape(seg.voice)}**", ""]
-            fence = _fence(seg.text)
-            out += [f"{fence}text", seg.text.replace("\r", ""), fence, ""]
+        out += _md_blocks(m.text, voices)
+        if store is None or m.role != "assistant":
+            continue
+        for b in branch_tree(store, info.id, m.id):
+            fork = b.get("fork") or {}
+            forced = next(
+                (
+                    f"{k.replace('_', ' ')}: {fork[k]}"
+                    for k in ("token_id", "text", "voice")
+                    if fork.get(k) is not None
+                ),
+                "",
+            )
+            out += [
+                f"### Branch of message {b['parent']} at token {b['fork_at']} ({_md_escape(forced)})",
+                "",
+            ]
+            out += _md_blocks(str(b["reply"]["text"]), voices)
     return "\n".join(out)
 
 
