@@ -39,7 +39,10 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int, in
     store.add_message(sid, "user", "Will the rain stop?")
     root = store.add_message(sid, "assistant", None, status="streaming")
     store.append_tokens(root.id, toks)
-    store.finish_message(root.id, "done", {"reason": "stop"}, "".join(t.text for t in toks))
+    # One who-speaks-next record at the fork, one of whose voice names is markup.
+    choice = {"token": AT, "probs": {"Doubt": 0.3, HOSTILE: 0.1}, "chosen": "Doubt"}
+    finish = {"reason": "stop", "voice_choices": [choice]}
+    store.finish_message(root.id, "done", finish, "".join(t.text for t in toks))
     kid_toks = [
         *toks[:AT],
         TokenRecord(index=AT, text=HOSTILE, token_id=4242, logprob=-4.0, forced=True),
@@ -117,6 +120,18 @@ def test_siblings_tree_and_compare_render_hostile_text_as_text(
         assert "re-converge" in summary
         lane_b = str(page.text_content(f"{msg} .tf-loom-lane[data-lane=B]"))
         assert HOSTILE in lane_b and "Echo" in lane_b
+        # "Let another voice speak here" at the boundary: the voices with their probabilities.
+        page.click(f"{msg} [data-action=loom-prev]")
+        page.click(f"{msg} .tf-choice-btn")
+        vb = page.locator(f"{msg} .tf-loom-voices [data-action=branch-voice]")
+        assert [vb.nth(i).text_content() for i in range(vb.count())] == [
+            "Doubt 30.0%",
+            HOSTILE + " 10.0%",
+        ]
+        vb.nth(1).click()
+        loom_idle(page)
+        note = str(page.text_content(f"{msg} .tf-loom-voices .tf-loom-note"))
+        assert note.startswith("branch failed:")
         # The alternatives popover: "branch here" on every row, the hostile one shown as text.
         page.click("#tf-wb .tf-viewtab[data-view=tokens]")
         page.click(f"#tf-wb .tf-tokmsg[data-msg='{root}'] .tf-tok >> nth={AT}")
