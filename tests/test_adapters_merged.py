@@ -1,10 +1,11 @@
 """The merged embedded-voices model: same replies as the runtime LoRA, built once, cached by hash.
 
-Sizes, measured (6 prompts x 48 greedy tokens of the runtime-LoRA model, teacher-forced): mean
-per-token KL(runtime LoRA || merged Q8_0) is 0.005 nats, while the base model without the adapter
-is at 2.09 and a Q4_1 merge (which rounds the adapter away) at 1.88. The bound below, 0.05, is 10x
-the measured value and 40x below "adapter lost". Greedy prefixes are not compared: the first voice
-is a near-tie (its top three names within 0.03 probability), which any rounding flips.
+Sizes, measured (6 chat prompts, no system prompt, x 48 greedy tokens of the runtime-LoRA model,
+teacher-forced): mean per-token KL(runtime LoRA || merged Q8_0) is 0.005 nats (per prompt at most
+0.006) and the top token agrees at 96% of positions, while the base model without the adapter is
+at 3.09 nats and a Q4_1 merge (which rounds the adapter away) at 2.73. The bound below, 0.05, is
+10x the measured value and 50x below "adapter lost". Greedy prefixes agree for 5-29 tokens, and
+are not asserted: where two voices' names are near a tie, any rounding may flip the choice.
 """
 
 from __future__ import annotations
@@ -76,23 +77,29 @@ def small_adapter(root: Path) -> Path:
 
 
 def _chat(llm: Any, user: str) -> list[int]:
-    from thoughtform.prompting import voice_system_prompt
-    from thoughtform.voices import PRESETS
-
-    text = (
-        f"<|im_start|>system\n{voice_system_prompt(PRESETS['seed'])}<|im_end|>\n"
-        f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    # No system prompt: the voices model is used (and was trained) without one.
+    text = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
     return list(llm.tokenize(text.encode(), add_bos=False, special=True))
 
 
-def _logprobs(llm: Any, ids: list[int], reply: list[int]) -> np.ndarray:
-    """Log-probabilities of the next token at each reply position, teacher-forced."""
+def _walk(llm: Any, ids: list[int], reply: list[int] | None = None) -> tuple[list[int], Any]:
+    """Next-token log-probabilities along a reply: ``reply`` teacher-forced, or (None) the
+    greedy reply of ``llm`` itself, N_TOKENS long or up to end of text. Only the reply's rows
+    are computed (logits for the whole prompt would cost 300 x 49152-wide output products)."""
     llm.reset()
-    llm.eval(ids + reply)
-    s = np.asarray(llm.scores[len(ids) - 1 : len(ids) + len(reply) - 1], dtype=np.float64)
-    s -= s.max(axis=1, keepdims=True)
-    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+    llm.eval(ids)
+    toks: list[int] = []
+    rows = []
+    while len(toks) < (N_TOKENS if reply is None else len(reply)):
+        s = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        s -= s.max()
+        rows.append(s - np.log(np.exp(s).sum()))
+        tok = int(s.argmax()) if reply is None else reply[len(toks)]
+        if reply is None and tok == llm.token_eos():
+            break
+        toks.append(tok)
+        llm.eval([tok])
+    return toks, np.array(rows[: len(toks)])
 
 
 def test_merged_model_agrees_with_runtime_lora(built: Path) -> None:
@@ -101,26 +108,22 @@ def test_merged_model_agrees_with_runtime_lora(built: Path) -> None:
     from llama_cpp import Llama
 
     def load(**kw: Any) -> Any:
-        return Llama(n_ctx=512, n_threads=2, logits_all=True, verbose=False, seed=0, **kw)
+        return Llama(n_ctx=512, n_threads=2, verbose=False, seed=0, **kw)
 
     ref = load(model_path=str(embedded_gguf_path()), lora_path=str(voices_adapter_path()))
     cases = []
     for p in PROMPTS:
         ids = _chat(ref, p)
-        reply: list[int] = []
-        for tok in ref.generate(ids, temp=0.0, top_k=1, reset=True):
-            if tok == ref.token_eos() or len(reply) == N_TOKENS:
-                break
-            reply.append(tok)
-        cases.append((ids, reply, _logprobs(ref, ids, reply)))
+        cases.append((ids, *_walk(ref, ids)))
     ref.close()
     merged = load(model_path=str(built))
     kls, agree = [], []
     for ids, reply, lr in cases:
-        lm = _logprobs(merged, ids, reply)
+        _, lm = _walk(merged, ids, reply)
         kls.append(float((np.exp(lr) * (lr - lm)).sum(axis=1).mean()))
         agree.append(float((lm.argmax(axis=1) == lr.argmax(axis=1)).mean()))
     merged.close()
+    assert all(len(c[1]) >= 8 for c in cases)  # replies long enough to mean something
     assert max(kls) < MAX_MEAN_KL, kls
     assert np.mean(agree) >= MIN_TOP1, agree
 
