@@ -145,6 +145,7 @@ def test_trace_records_voice_choices_and_steering(voices_model: Any, tmp_path: A
     assert path.read_text().count('"type":"voice_choice"') == len(tr.voice_choices)
 
 
+@pytest.mark.timeout(1800)  # 40 replies: ~2 min on an idle 2-core machine, far more when shared
 def test_structure_makes_the_plain_model_well_formed(plain_model: Any) -> None:
     """`--structure` on the plain embedded model (no adapter) over the 40 eval prompts."""
     prompts = read_prompts(default_prompts_path())
