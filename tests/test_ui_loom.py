@@ -170,6 +170,7 @@ def test_family_compare_and_the_page_calls(tree: Any, tmp_path: Path) -> None:
     assert c["fork"] == 4 and c["appeared"] == ["Pulse"] and c["vanished"] == ["Doubt"]
     assert c["b"]["forked_token_p_under_a"] == pytest.approx(math.exp(-1.6))
     assert res["a"]["fork_char"] == res["b"]["fork_char"] == len("[Echo]\nThe sea is blue.\n\n")
+    assert res["prefix"] == "[Echo]\nThe sea is blue.\n\n"
     assert loom_action(wb, ["families", sid], None) == {"ok": True, "families": {str(root): 2}}
     assert loom_action(wb, ["compare", sid, root, 99999], None)["ok"] is False
     assert loom_action(wb, ["nope"], None) == {"ok": False, "error": "bad loom request"}

@@ -83,7 +83,7 @@ def test_siblings_tree_and_compare_render_hostile_text_as_text(
     browser: Any, seeded: tuple[Path, str, int, int]
 ) -> None:
     db, sid, root, kid = seeded
-    srv = Server(db, replay=FIX, model="voices.jsonl", rate=200.0)
+    srv = Server(db, replay=FIX, model="voices.jsonl", rate=200.0, timeout=240)
     try:
         page = open_page(browser, f"{srv.url}?session={sid}")
         msg = f"#tf-wb .tf-chat .tf-msg[data-msg='{root}']"
@@ -120,6 +120,7 @@ def test_siblings_tree_and_compare_render_hostile_text_as_text(
         assert "re-converge" in summary
         lane_b = str(page.text_content(f"{msg} .tf-loom-lane[data-lane=B]"))
         assert HOSTILE in lane_b and "Echo" in lane_b
+        assert page.text_content(f"{msg} .tf-loom-lane[data-lane=A] .tf-loom-prefix") == "… [Echo]"
         # "Let another voice speak here" at the boundary: the voices with their probabilities.
         page.click(f"{msg} [data-action=loom-prev]")
         page.click(f"{msg} .tf-choice-btn")
@@ -165,7 +166,9 @@ def test_branch_from_an_alternative_on_the_real_model(
 ) -> None:
     pytest.importorskip("llama_cpp")
     d = tmp_path_factory.mktemp("ui-loom-model")
-    srv = Server(d / "s.db", replay=None, model="embedded-voices", backend="llamacpp", rate=0.0)
+    srv = Server(
+        d / "s.db", replay=None, model="embedded-voices", backend="llamacpp", rate=0.0, timeout=240
+    )
     try:
         page = open_page(browser, srv.url)
         new_session(page)

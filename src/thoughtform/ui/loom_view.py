@@ -256,8 +256,10 @@ def compare_messages(
     result = compare(ta, tb)
     at = int(result["fork"])
     enc = Encoder(vs)
+    prefix = "".join(t.text for t in ta.tokens[:at])
     return {
         "compare": result,
+        "prefix": prefix[-80:],  # the shared text just before the fork (both lanes start there)
         "a": {**_view(info, ma, vs, enc), "fork_char": sum(len(t.text) for t in ta.tokens[:at])},
         "b": {**_view(info, mb, vs, enc), "fork_char": sum(len(t.text) for t in tb.tokens[:at])},
     }

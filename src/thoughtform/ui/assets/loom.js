@@ -324,11 +324,7 @@
         lane.appendChild(el("p", "tf-loom-head", t[0] + ": " + which));
         var fc = num(t[1] && t[1].fork_char) || 0;
         // Lanes start at the fork: the shared prefix is the same in both (its tail shown).
-        var pre = "";
-        (t[1] && Array.isArray(t[1].segments) ? t[1].segments : []).forEach(function (s) {
-          if ((num(s[3]) || 0) < fc) pre = str(s[2]);
-        });
-        lane.appendChild(el("p", "tf-loom-prefix", "… " + pre.slice(-60)));
+        lane.appendChild(el("p", "tf-loom-prefix", "… " + str(res.prefix).slice(-60)));
         lane.appendChild(el("div", "tf-loom-fork", "fork at token " + str((res.compare || {}).fork)));
         lane.appendChild(blocksOf(t[1] && t[1].segments, fc));
         lanes.appendChild(lane);
