@@ -156,6 +156,13 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             session_dd = gr.Dropdown(
                 label="Session", choices=[], elem_id="session", interactive=True
             )
+            recorded_cb = gr.Checkbox(
+                False,
+                label="Recorded only (sessions thoughtform proxy wrote)",
+                elem_id="recorded-only",
+            )
+            # Polls only while a recorded session is open (thoughtform proxy writes it).
+            live_timer = gr.Timer(2.0, active=False)
             new_btn = gr.Button("New session", elem_id="new-session", size="sm")
             title_tb = gr.Textbox(label="Name", elem_id="session-title", max_lines=1)
             with gr.Row():
@@ -452,6 +459,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 _voice_rows(vs),
                 vs.to_yaml(),
                 *settings_values(wb.settings_of(info)),
+                gr.Timer(active=bool(info and info.settings.get("recorded") is True)),
             ]
 
         view_outputs = [
@@ -462,6 +470,7 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
             voices_table,
             voices_yaml,
             *settings_fields,
+            live_timer,
         ]
 
         def on_load(request: gr.Request) -> list[Any]:
@@ -785,6 +794,22 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
 
         # -- wiring ----------------------------------------------------------------------
 
+        def on_recorded(only: bool, tab: dict[str, Any], request: gr.Request) -> Any:
+            user = request_user(request)
+            return gr.update(choices=wb.session_choices(user, recorded_only=bool(only)))
+
+        def on_tick(tab: dict[str, Any], request: gr.Request) -> tuple[Any, Any]:
+            # A session the proxy is recording (same database, another process) redraws as
+            # it changes; nothing is sent while this server streams into it itself.
+            got = wb.live_update(Tab.of(tab), request_user(request))
+            if got is None:
+                return gr.skip(), gr.skip()
+            return got[0], got[1].to_dict()
+
+        recorded_cb.change(
+            on_recorded, [recorded_cb, tab_state], session_dd, show_progress="hidden"
+        )
+        live_timer.tick(on_tick, tab_state, [board, tab_state], show_progress="hidden")
         demo.load(on_load, None, view_outputs, show_progress="hidden")
         session_dd.input(on_switch, session_dd, view_outputs, show_progress="hidden")
         new_btn.click(on_new, None, view_outputs, show_progress="hidden")

@@ -65,10 +65,14 @@ class Tab:
 
     sid: str | None = None
     known: int = 0
+    version: tuple[int, int, str] | None = None  # the stored session as this tab last drew it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (kept in ``gr.State``)."""
-        return {"sid": self.sid, "known": self.known}
+        d: dict[str, Any] = {"sid": self.sid, "known": self.known}
+        if self.version is not None:
+            d["version"] = list(self.version)
+        return d
 
     @classmethod
     def of(cls, d: Any) -> Tab:
@@ -76,7 +80,11 @@ class Tab:
         if isinstance(d, Tab):
             return d
         if isinstance(d, dict) and valid_session_id(d.get("sid")):
-            return cls(sid=d["sid"], known=int(d.get("known") or 0))
+            v = d.get("version")
+            ver = None
+            if isinstance(v, list) and len(v) == 3:
+                ver = (int(v[0]), int(v[1]), str(v[2]))
+            return cls(sid=d["sid"], known=int(d.get("known") or 0), version=ver)
         return cls()
 
 
@@ -259,10 +267,15 @@ class Workbench:
         sessions = self.store.list_sessions(owner=self.owner(user))
         return sessions[0] if sessions else self.new_session(user=user)
 
-    def session_choices(self, user: str | None = None) -> list[tuple[str, str]]:
-        """(label, id) pairs for the user's session picker, most recent first."""
+    def session_choices(
+        self, user: str | None = None, recorded_only: bool = False
+    ) -> list[tuple[str, str]]:
+        """(label, id) pairs for the user's session picker, most recent first (only sessions
+        ``thoughtform proxy`` recorded, with ``recorded_only``)."""
         out = []
         for s in self.store.list_sessions(owner=self.owner(user)):
+            if recorded_only and s.settings.get("recorded") is not True:
+                continue
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.updated))
             # Sessions ``thoughtform proxy`` recorded from another app say so.
             rec = "● Recorded · " if s.settings.get("recorded") is True else ""
@@ -296,7 +309,8 @@ class Workbench:
         vs = self.voices_of(info)
         enc = Encoder(vs)
         msgs = self.store.messages(info.id)
-        per_msg = [self._encode_message(enc, m) for m in msgs]
+        recorded = info.settings.get("recorded") is True
+        per_msg = [self._encode_message(enc, m, recorded) for m in msgs]
         evs: list[list[Any]] = [
             ["R"],
             enc.voices_event(),
@@ -317,24 +331,51 @@ class Workbench:
                 self._encoders.popitem(last=False)
         return enc, evs, len(msgs)
 
-    def _encode_message(self, enc: Encoder, m: StoredMessage) -> list[list[Any]]:
+    def _encode_message(
+        self, enc: Encoder, m: StoredMessage, recorded: bool = False
+    ) -> list[list[Any]]:
+        st = self._status(m, recorded)
         if m.tokens:
-            evs, _ = enc.token_message(m.id, m.role, self._status(m), m.tokens, m.finish)
+            evs, _ = enc.token_message(
+                m.id, m.role, st, m.tokens, m.finish, live=recorded and st == "streaming"
+            )
             return evs
-        evs = enc.text_message(m.id, m.role, self._status(m), m.content or "")
-        if m.role == "assistant" and m.status != "done":
+        evs = enc.text_message(m.id, m.role, st, m.content or "")
+        if m.role == "assistant" and m.status != "done" and not (recorded and st == "streaming"):
             msg = (m.finish or {}).get("message", "") or ""
-            st = self._status(m)
             if st == "interrupted":
                 msg = "the server stopped while this reply streamed"
             evs.append(["E", st, str(msg)])
         return evs
 
-    def _status(self, m: StoredMessage) -> str:
+    def _status(self, m: StoredMessage, recorded: bool = False) -> str:
         if m.status == "streaming":
             live = any(r.message_id == m.id and not r.done for r in self.active.values())
-            return "streaming" if live else "interrupted"
+            # A recorded session is written by the proxy's process: its reply streams there.
+            return "streaming" if live or recorded else "interrupted"
         return m.status
+
+    def live_update(self, tab: Tab, user: str | None = None) -> tuple[str, Tab] | None:
+        """A fresh view of the tab's session when another process (``thoughtform proxy`` on
+        the same database) changed it since the tab drew it; None when nothing changed or
+        this server is streaming into it itself."""
+        if tab.sid is None or tab.sid in self.active:
+            return None
+        info = self.session_info(tab.sid, user)
+        if info is None:
+            return None
+        ver = self.store.session_version(info.id)
+        if tab.version is None:
+            return None if not info.settings.get("recorded") else self._redraw(info, user, ver)
+        if ver == tab.version:
+            return None
+        return self._redraw(info, user, ver)
+
+    def _redraw(
+        self, info: SessionInfo, user: str | None, ver: tuple[int, int, str]
+    ) -> tuple[str, Tab]:
+        pl, tab = self.reset_payload(info.id, user)
+        return pl, Tab(tab.sid, tab.known, ver)
 
     def reset_payload(self, sid: str | None, user: str | None = None) -> tuple[str, Tab]:
         """The full view of a session, and the tab state that goes with it."""

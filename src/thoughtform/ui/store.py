@@ -448,6 +448,29 @@ class Store:
                     (status, _dumps(finish) if finish else None, content, message_id),
                 )
 
+    def session_version(self, sid: str) -> tuple[int, int, str]:
+        """What a viewer needs to notice another process writing to a session: messages,
+        token rows and the last message's status (one query; the proxy writes while it streams)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM messages WHERE session_id=?", (sid,)
+            )
+            .fetchone()
+        )
+        n, last = int(row[0]), int(row[1])
+        (toks,) = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM tokens WHERE message_id IN"
+                " (SELECT id FROM messages WHERE session_id=?)",
+                (sid,),
+            )
+            .fetchone()
+        )
+        st = self._conn().execute("SELECT status FROM messages WHERE id=?", (last,)).fetchone()
+        return n, int(toks), str(st[0]) if st else ""
+
     def message_count(self, sid: str) -> int:
         """How many messages a session has."""
         (n,) = (

@@ -296,6 +296,7 @@ class Encoder:
         status: str,
         tokens: Sequence[TokenRecord],
         finish: dict[str, Any] | None,
+        live: bool = False,
     ) -> tuple[list[list[Any]], Generation]:
         """A stored reply replayed through the same pipeline as a live one (same blocks, voices)."""
         from ..generate import replay_generation
@@ -315,6 +316,8 @@ class Encoder:
             out += self.choice_events(choices, base)
             self.all_choices.append(choices)
         msg = (finish or {}).get("message", "") if status != "done" else ""
+        if status == "streaming" and live:
+            return out, gen  # another process is still writing it (thoughtform proxy)
         if status == "streaming":
             status, msg = "interrupted", "the server stopped while this reply streamed"
         out.append(["E", status, str(msg or "")])
