@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -183,7 +184,7 @@ def test_structure_as_gbnf_parses_in_llama_cpp_and_holds(plain_model: Any) -> No
         names = voices_of(tr)
         assert form_check(tr.text, VS).ok and names[0] == "Echo", tr.text
         assert "Doubt" not in names and len(names) <= 3
-        assert all(a != b for a, b in zip(names, names[1:], strict=False))
+        assert all(a != b for a, b in itertools.pairwise(names))
 
 
 def test_voice_vectors_switch_at_the_voice_boundary(voices_model: Any, tmp_path: Any) -> None:
