@@ -21,7 +21,9 @@ from thoughtform.council import (
     next_speaker_context,
     surprisal_fn,
     transcript,
+    turn_messages,
     turns_of,
+    wants_persona,
 )
 from thoughtform.resonance import (
     attention_scores,
@@ -256,6 +258,21 @@ def test_posts_while_running_join_after_the_turn() -> None:
     assert b.requests[1].messages[-2:][0].content == "a word from me"
     with pytest.raises(CouncilError):
         c.post("x", as_voice="Nobody")
+
+
+def test_the_voices_model_gets_no_persona() -> None:
+    plain = ScriptedBackend(as_speaker())
+    voices_model = ScriptedBackend(lambda r, i: "[Doubt]\nIs it?", model_name="embedded-voices")
+    assert wants_persona(plain) and not wants_persona(voices_model)
+    c = Council(SEED, MEMBERS, plain, "round-robin", backends={"Doubt": voices_model})
+    c.say("hi")
+    run_all(c, 2)
+    assert plain.requests[0].messages[0].role == "system"
+    assert [m.role for m in voices_model.requests[0].messages] == ["user", "assistant"]
+    assert c.turns[2].text == "Is it?"
+    # The user's own system text still comes first.
+    msgs = turn_messages(SEED, MEMBERS, "Doubt", c.turns, system="Be brief.", persona=False)
+    assert (msgs[0].role, msgs[0].content) == ("system", "Be brief.")
 
 
 def test_per_member_sampling_and_backends() -> None:

@@ -3,7 +3,9 @@
 A :class:`Council` is a voice set, its members (a subset, in order), a policy for who speaks
 next, and the user. Each **turn** is one member speaking: a generation whose prompt holds that
 voice's persona (its description), the conversation so far -- every earlier turn labelled by its
-speaker in the voice set's markers -- and the user's messages (:func:`turn_messages`).
+speaker in the voice set's markers -- and the user's messages (:func:`turn_messages`). The
+embedded voices model gets no persona: it was trained without system prompts and knows each voice
+by its marker (:func:`wants_persona`).
 
 Policies (:data:`POLICIES`):
 
@@ -77,6 +79,7 @@ __all__ = [
     "transcript",
     "turn_messages",
     "turns_of",
+    "wants_persona",
 ]
 
 Policy = Literal["list", "round-robin", "natural", "model", "manual"]
@@ -268,13 +271,27 @@ def turn_messages(
     speaker: str,
     turns: Sequence[Turn],
     system: str | None = None,
+    persona: bool = True,
 ) -> tuple[Message, ...]:
-    """The chat messages of ``speaker``'s next turn: its persona (plus ``system``), then the
-    conversation so far (:func:`history_messages`)."""
-    sys_text = persona_prompt(voices, members, speaker)
+    """The chat messages of ``speaker``'s next turn: its persona (plus ``system``) as the system
+    message, then the conversation so far (:func:`history_messages`). Without ``persona`` (see
+    :func:`wants_persona`) only ``system``, if any, comes first."""
+    parts = [persona_prompt(voices, members, speaker)] if persona else []
     if system:
-        sys_text += "\n\n" + system
-    return (Message("system", sys_text), *history_messages(turns, voices))
+        parts.append(system)
+    head = (Message("system", "\n\n".join(parts)),) if parts else ()
+    return (*head, *history_messages(turns, voices))
+
+
+def wants_persona(backend: Backend) -> bool:
+    """Whether a member on ``backend`` gets its persona as a system prompt: yes, except on the
+    embedded voices model, which was trained without system prompts and knows each voice by its
+    marker (the conductor opens it). Measured with ``eval council`` on its first 8 prompts (64
+    turns, the adapter of commit c29b9e8): in character 0.58 with the persona, 0.83 without --
+    the same rule as the conversation layer's voice prompt (thoughtform.conversation)."""
+    from .models import EMBEDDED_VOICES
+
+    return getattr(backend, "model_name", None) != EMBEDDED_VOICES
 
 
 def next_speaker_context(
@@ -791,7 +808,9 @@ class Council:
             top_p=v.top_p if v.top_p is not None else base.top_p,
             seed=None if base.seed is None else base.seed + len(self.turns),
         )
-        msgs = turn_messages(self.voices, self.members, voice, self.turns, self.system)
+        msgs = turn_messages(
+            self.voices, self.members, voice, self.turns, self.system, wants_persona(backend)
+        )
         request = GenerationRequest(
             messages=msgs,
             sampling=sampling,
@@ -998,6 +1017,7 @@ def surprisal_fn(
     scorer: ContinuationScorer,
     tokenize: Callable[[str], Sequence[int]] | None = None,
     system: str | None = None,
+    persona: bool = True,
 ) -> Callable[[int, frozenset[int]], float]:
     """``surprisal(j, removed)``: the mean surprisal (nats per token) of turn ``j``'s text after
     its own prompt (:func:`turn_messages`) and marker, with the turns ``removed`` left out of the
@@ -1009,7 +1029,7 @@ def surprisal_fn(
         if t.voice is None:
             raise CouncilError(f"turn {j} is the user's own: no surprisal")
         ctx = [e for e in turns if e.index < j and e.index not in removed]
-        msgs = turn_messages(voices, members, t.voice, ctx, system)
+        msgs = turn_messages(voices, members, t.voice, ctx, system, persona)
         req = GenerationRequest(messages=msgs, alternatives=0)
         prefix = voices.voice(t.voice).open_marker + "\n"
         lp = scorer(req, [t.text], prefix)[0]

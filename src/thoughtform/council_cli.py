@@ -21,6 +21,7 @@ from .council import (
     Turn,
     continuation_scorer,
     surprisal_fn,
+    wants_persona,
 )
 from .render import control_label, split_controls
 from .render.terminal import label_text, voice_style
@@ -321,7 +322,10 @@ def _run(council: Council, args: argparse.Namespace, console: Console) -> int:
         score = continuation_scorer(council.backend_for(council.members[0]))
         assert score is not None  # checked before the run
         tokenize = getattr(council.backend, "tokenize", None)
-        f = surprisal_fn(council.voices, council.members, council.turns, score, tokenize)
+        persona = wants_persona(council.backend_for(council.members[0]))
+        f = surprisal_fn(
+            council.voices, council.members, council.turns, score, tokenize, persona=persona
+        )
         cf = counterfactual_scores(council.turns, f)
         console.print()
         console.print(
