@@ -15,7 +15,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # AMX kernels that crash (SIGSEGV in batch decode) in sandboxes that do not grant AMX state.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: test serve lint typecheck chromium adapter screenshots bench clean constraints
+.PHONY: test serve lint typecheck chromium adapter vectors screenshots bench clean constraints
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +57,10 @@ screenshots: $(STAMP) chromium
 # Rebuild the shipped voices adapter from nothing with a fixed seed: synth -> train -> export.
 adapter: $(STAMP)
 	scripts/build_adapter.sh
+
+# Rebuild the shipped seed voice vectors from nothing with fixed seeds: synth -> vectors train.
+vectors: $(STAMP)
+	scripts/build_vectors.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -58,7 +58,7 @@ def bench_steer(tokens: int = 200, rounds: int = 3) -> dict[str, Any]:
         ),
     }
     try:
-        from ..vectors import seed_vectors_dir  # type: ignore[attr-defined]
+        from ..vectors import seed_vectors_dir
 
         if seed_vectors_dir() is not None:
             plans["vectors"] = SteerPlan(
