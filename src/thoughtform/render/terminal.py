@@ -110,7 +110,15 @@ def render_terminal(
         if i:
             con.print()
         con.print(label_text(vs, block.voice), markup=False, highlight=False, emoji=False)
-        con.print(_block_text(block, vs, tokens), markup=False, highlight=False, emoji=False)
+        # soft_wrap: the terminal wraps, as it does for the live renderer's pieces (rich would
+        # fold a word longer than the width differently from text printed piece by piece).
+        con.print(
+            _block_text(block, vs, tokens),
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+            emoji=False,
+        )
 
 
 class LiveRenderer:

@@ -806,11 +806,11 @@ def build_app(config: ServeConfig, workbench: Workbench | None = None) -> Any:
                 return gr.skip(), gr.skip()
             return got[0], got[1].to_dict()
 
+        demo.load(on_load, None, view_outputs, show_progress="hidden")
         recorded_cb.change(
             on_recorded, [recorded_cb, tab_state], session_dd, show_progress="hidden"
         )
         live_timer.tick(on_tick, tab_state, [board, tab_state], show_progress="hidden")
-        demo.load(on_load, None, view_outputs, show_progress="hidden")
         session_dd.input(on_switch, session_dd, view_outputs, show_progress="hidden")
         new_btn.click(on_new, None, view_outputs, show_progress="hidden")
         rename_btn.click(on_rename, [title_tb, tab_state], session_dd, show_progress="hidden")
