@@ -650,6 +650,8 @@ class LlamaCppBackend:
                 self._c.llama_memory_seq_rm(self._mem, c, -1, -1)
                 self._c.llama_memory_seq_cp(self._mem, 0, c, -1, -1)
             rngs = [np.random.default_rng(int(x)) for x in seeds]
+            bias_ids = np.array(list(request.logit_bias), dtype=np.intc)
+            bias_vals = np.array(list(request.logit_bias.values()), dtype=np.float32)
             out: list[list[TokenEvent]] = [list(head) for _ in range(n)]
             emitters = [TokenEmitter(tuple(s.stop)) for _ in range(n)]
             # Forced tokens come first in every child, with their telemetry from the prefix.
@@ -666,7 +668,11 @@ class LlamaCppBackend:
                     for c in live:
                         x = np.array(self._logits(rows[c]), dtype=np.float32)
                         log_z, entropy, top_ids = L.summarize(x, k)
-                        tok, _ = L.sample(x, s.temperature, s.top_p, s.top_k, rngs[c])
+                        xs = x
+                        if bias_ids.size:
+                            xs = x.copy()
+                            xs[bias_ids] += bias_vals
+                        tok, _ = L.sample(xs, s.temperature, s.top_p, s.top_k, rngs[c])
                         if self._is_eog(tok):
                             continue
                         b = self.piece(tok)
