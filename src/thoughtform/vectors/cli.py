@@ -35,11 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--voices", default="seed", help="voice set: preset or YAML (default seed)")
     p.add_argument("--base", default="embedded", help="'embedded' (default) or a GGUF/model path")
-    p.add_argument("--layers", help="steered layers A-B, inclusive (default: the middle band)")
     p.add_argument(
-        "--method", choices=METHODS, default=DEFAULT_METHOD, help=f"default {DEFAULT_METHOD}"
+        "--layers",
+        help="steered layers A-B, inclusive (default: a third to three quarters of the stack, "
+        "10-22 of 30)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for the example choice and split")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="mean of the paired voice-vs-others differences, or their first principal axis "
+        f"(default {DEFAULT_METHOD}: it separated held-out replies better here)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for the example choice and split (default 0)"
+    )
     p.add_argument(
         "--max-examples",
         type=int,
@@ -53,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"share kept out to measure separation (default {DEFAULT_HOLDOUT})",
     )
     p.add_argument("--max-len", type=int, default=256, help="tokens per reply (default 256)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's own choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (default: off)")
 
     p = sub.add_parser("path", help="print the directory of a shipped vector set")
-    p.add_argument("name", nargs="?", default="seed")
+    p.add_argument("name", nargs="?", default="seed", help="shipped set (default: seed)")
 
     sub.add_parser("list", help="list the vector sets installed with thoughtform")
 

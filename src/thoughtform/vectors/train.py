@@ -153,7 +153,10 @@ def label_reply(
     """
     from ..parse import parse_text
 
-    enc = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow (Python) tokenizers have no offsets
+        raise VectorTrainError("vectors train needs a fast tokenizer (token offsets)") from None
     ids = list(enc["input_ids"])
     offsets = enc["offset_mapping"]
     index = {n: i for i, n in enumerate(voice_names)}
