@@ -208,19 +208,7 @@ class _Events:
 
 
 def _event(t: TokenRecord) -> TokenEvent:
-    return TokenEvent(
-        text=t.text,
-        token_id=t.token_id,
-        bytes=t.bytes,
-        logprob=t.logprob,
-        top=tuple(t.top),
-        entropy=t.entropy,
-        attention=t.attention,
-        lens=tuple(t.lens) if t.lens is not None else None,
-        steered=t.steered,
-        steered_logprob=t.steered_logprob,
-        forced=t.forced,
-    )
+    return TokenEvent.of_record(t)
 
 
 def branch(

@@ -92,6 +92,24 @@ class TokenEvent:
     forced: bool = False
     vector: tuple[tuple[str, float], ...] = ()
 
+    @classmethod
+    def of_record(cls, t: TokenRecord) -> TokenEvent:
+        """A recorded token played back as an event (replay, a branch's shared prefix)."""
+        return cls(
+            text=t.text,
+            token_id=t.token_id,
+            bytes=t.bytes,
+            logprob=t.logprob,
+            top=tuple(t.top),
+            entropy=t.entropy,
+            attention=t.attention,
+            lens=tuple(t.lens) if t.lens is not None else None,
+            steered=t.steered,
+            steered_logprob=t.steered_logprob,
+            forced=t.forced,
+            vector=tuple((str(v), float(s)) for v, s in t.vector) if t.vector else (),
+        )
+
     def record(self, index: int, t: float | None = None) -> TokenRecord:
         """This event as the trace's token record (the one conversion, used everywhere)."""
         return TokenRecord(

@@ -542,16 +542,12 @@ class LlamaCppBackend:
                 if grammar is not None:
                     grammar.accept(tok)
                 b = self.piece(tok)
-                top: tuple[Alternative, ...] = ()
-                if top_ids is not None:
-                    top = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
-                ev = TokenEvent(
-                    text="",
-                    token_id=tok,
-                    bytes=b,
-                    logprob=float(x[tok]) - log_z,
-                    top=top,
-                    entropy=entropy,
+                ev = self._token_event(
+                    tok,
+                    x,
+                    log_z,
+                    entropy,
+                    top_ids,
                     steered=steered,
                     steered_logprob=slp if steered else None,
                     forced=forced,
@@ -628,19 +624,8 @@ class LlamaCppBackend:
                 x = np.array(self._logits(-1), dtype=np.float32)
                 log_z, entropy, top_ids = L.summarize(x, k)
                 b = self.piece(tok)
-                top0: tuple[Alternative, ...] = ()
-                if top_ids is not None:
-                    top0 = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
-                ev0 = TokenEvent(
-                    text="",
-                    token_id=tok,
-                    bytes=b,
-                    logprob=float(x[tok]) - log_z,
-                    top=top0,
-                    entropy=entropy,
-                    steered=True,
-                    steered_logprob=0.0,
-                    forced=True,
+                ev0 = self._token_event(
+                    tok, x, log_z, entropy, top_ids, steered=True, steered_logprob=0.0, forced=True
                 )
                 head.extend(head_emit.push(ev0, b))
                 self._decode([(tok, len(self._past), 0, True)])
@@ -676,17 +661,7 @@ class LlamaCppBackend:
                         if self._is_eog(tok):
                             continue
                         b = self.piece(tok)
-                        top: tuple[Alternative, ...] = ()
-                        if top_ids is not None:
-                            top = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
-                        ev = TokenEvent(
-                            text="",
-                            token_id=tok,
-                            bytes=b,
-                            logprob=float(x[tok]) - log_z,
-                            top=top,
-                            entropy=entropy,
-                        )
+                        ev = self._token_event(tok, x, log_z, entropy, top_ids)
                         out[c].extend(emitters[c].push(ev, b))
                         if emitters[c].stopped:
                             continue
@@ -710,6 +685,30 @@ class LlamaCppBackend:
             for c in range(n):
                 out[c].extend(emitters[c].flush())
             return out
+
+    def _token_event(
+        self,
+        tok: int,
+        x: np.ndarray,
+        log_z: float,
+        entropy: float,
+        top_ids: np.ndarray | None,
+        **steering: Any,
+    ) -> TokenEvent:
+        """One step's event: the chosen token with the model's own telemetry (text is set by
+        the emitter's incremental UTF-8 decoder), plus what steering did."""
+        top: tuple[Alternative, ...] = ()
+        if top_ids is not None:
+            top = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
+        return TokenEvent(
+            text="",
+            token_id=tok,
+            bytes=self.piece(tok),
+            logprob=float(x[tok]) - log_z,
+            top=top,
+            entropy=entropy,
+            **steering,
+        )
 
     def _alternative(self, tok: int, x: np.ndarray, log_z: float) -> Alternative:
         b = self.piece(tok)

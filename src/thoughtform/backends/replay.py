@@ -58,23 +58,7 @@ class ReplayBackend:
             else:
                 text = p.read_text(encoding="utf-8", errors="replace")
         if trace is not None:
-            self._events = [
-                TokenEvent(
-                    text=t.text,
-                    token_id=t.token_id,
-                    bytes=t.bytes,
-                    logprob=t.logprob,
-                    top=tuple(t.top),
-                    entropy=t.entropy,
-                    attention=t.attention,
-                    lens=tuple(t.lens) if t.lens is not None else None,
-                    steered=t.steered,
-                    steered_logprob=t.steered_logprob,
-                    forced=t.forced,
-                    vector=tuple((str(v), float(s)) for v, s in t.vector) if t.vector else (),
-                )
-                for t in trace.tokens
-            ]
+            self._events = [TokenEvent.of_record(t) for t in trace.tokens]
             if not self._events and trace.source_text:
                 text = trace.source_text
         if text is not None and not getattr(self, "_events", None):
