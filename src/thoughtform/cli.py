@@ -371,13 +371,11 @@ def cmd_branch(args: argparse.Namespace) -> int:
     except LoomError as e:
         raise UserError(str(e)) from None
     vs = trace_voice_set(parent, args.voices)
-    model = args.model or parent.meta.get("model") or "embedded-voices"
-    if model not in ("embedded", "embedded-voices") and not str(model).endswith(".gguf"):
-        model = "embedded-voices" if "voices" in str(model) else "embedded"
     from .backends import BackendError, create_backend
+    from .loom import branch_model
 
     try:
-        backend = create_backend("llamacpp", model=None if model == "embedded" else model)
+        backend = create_backend("llamacpp", model=branch_model(parent, args.model))
     except BackendError as e:
         raise UserError(str(e)) from None
     try:

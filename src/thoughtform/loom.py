@@ -93,6 +93,16 @@ def trace_voice_set(trace: Trace, voices: VoiceSet | str | None = None) -> Voice
     return resolve_voice_set(trace.meta.get("voices") or "seed")
 
 
+def branch_model(parent: Trace, override: str | None = None) -> str | None:
+    """The llama.cpp model spec to branch ``parent`` with: ``override``, else the one its trace
+    names (``embedded``, ``embedded-voices`` or a .gguf; an adapter suffix such as
+    ``embedded+voices-seed`` means the voices model). None is the plain embedded model."""
+    model = str(override or parent.meta.get("model") or "embedded-voices")
+    if model not in ("embedded", "embedded-voices") and not model.endswith(".gguf"):
+        model = "embedded-voices" if "voices" in model else "embedded"
+    return None if model == "embedded" else model
+
+
 def parent_request(parent: Trace) -> GenerationRequest:
     """The request that produced ``parent`` (messages or prompt, sampling, alternatives)."""
     m = parent.meta
