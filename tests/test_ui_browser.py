@@ -18,6 +18,7 @@ from thoughtform.ui.harness import (
     launch,
     new_session,
     open_page,
+    pick,
     send,
     session_of,
     wait_replies,
@@ -435,8 +436,7 @@ def toasts(page: Any) -> list[str]:
 
 def pick_backend(page: Any, name: str) -> None:
     """Choose a backend in the Settings tab's dropdown, as a person would."""
-    page.locator("#set-backend input").click()
-    page.get_by_role("option", name=name, exact=True).click()
+    pick(page, "set-backend", name)
 
 
 def edit_cell(page: Any, table: str, row: int, col: int, text: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from thoughtform.ui.harness import Server, launch, open_page
+from thoughtform.ui.harness import Server, launch, open_page, pick
 
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
@@ -124,8 +124,7 @@ def test_pause_resume_and_speaking_as_a_voice(page: Any) -> None:
     assert 2 <= n < 13  # stopped after the turn in progress, well before the twelfth
     assert all(t["finish"] in ("cut", "stop") for t in turns(page))  # none cut short
     # Speak as Doubt: the text becomes Doubt's turn, written by you.
-    page.locator("#council-as input").fill("Doubt")
-    page.keyboard.press("Enter")
+    pick(page, "council-as", "Doubt")
     page.locator("#council-text textarea").fill("I, Doubt, <b>doubt</b> it.")
     page.click("#council-say")
     page.wait_for_function(

@@ -151,6 +151,20 @@ def open_page(
     return page
 
 
+def pick(page: Any, elem_id: str, option: str) -> None:
+    """Choose ``option`` in the Gradio dropdown ``#elem_id`` as a person would (open it, click the
+    option), then wait until the box shows it: typing and pressing Enter raced the list's filter
+    and sometimes kept the old value (seen once in CI)."""
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_function(
+        "([sel, v]) => document.querySelector(sel).value === v",
+        arg=[f"#{elem_id} input", option],
+        timeout=10_000,
+    )
+
+
 def session_of(page: Any) -> str:
     """The session the page shows."""
     return str(page.evaluate("document.querySelector('#tf-wb').dataset.session"))
