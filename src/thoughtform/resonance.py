@@ -19,6 +19,11 @@ turn ``j`` and an earlier turn ``i``, which :func:`voice_matrix` aggregates voic
   model's mean surprisal (nats per token) of turn ``j``'s text when turn ``i`` is removed from its
   context: positive when ``i`` made ``j`` more expected. Computed on demand through a surprisal
   function (:func:`thoughtform.council.surprisal_fn`) and cached.
+
+:func:`arcs` turns any measure's scores into the arcs the workbench draws between lanes (per turn,
+the earlier turns it draws on above a small threshold); :func:`council_scores` picks a measure for
+a running or finished :class:`~thoughtform.council.Council`, and says in one line
+(:class:`MeasureUnavailable`) when its backend cannot give it.
 """
 
 from __future__ import annotations
@@ -28,16 +33,23 @@ from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from .council import USER, Turn
+from .council import USER, Council, Turn, continuation_scorer, surprisal_fn, wants_persona
 from .evaluate.adherence import STOP_WORDS, stem
 from .trace import AttentionSummary, Trace
 
 __all__ = [
+    "ARC_THRESHOLD",
+    "MEASURES",
+    "UNITS",
     "USER",
+    "Arc",
+    "MeasureUnavailable",
     "Scores",
     "SurprisalFn",
     "VoiceMatrix",
+    "arcs",
     "attention_scores",
+    "council_scores",
     "counterfactual_scores",
     "echo_scores",
     "text_units",
@@ -200,3 +212,133 @@ def voice_matrix(
         for r in range(n)
     )
     return VoiceMatrix(tuple(labels), values, tuple(tuple(r) for r in counts))
+
+
+# ------------------------------------------------------------------------ arcs and measures
+
+MEASURES = ("echo", "attention", "counterfactual")
+#: What a score of each measure counts (the arcs' titles and the matrix's caption).
+UNITS = {"echo": "share", "attention": "attention mass", "counterfactual": "nats/token"}
+#: Arcs below this weight are not drawn: on the replay fixtures' four-turn councils an echo
+#: under 5% is one shared word in twenty, noise next to the real take-ups (25-75%).
+ARC_THRESHOLD = 0.05
+# A turn is scored by the counterfactual measure only once it is over (its text is final).
+_FINISHED = ("stop", "length", "cut")
+
+
+class MeasureUnavailable(ValueError):
+    """A resonance measure this council's backend cannot give (the message says why, in a line)."""
+
+
+@dataclass(frozen=True)
+class Arc:
+    """Turn ``turn`` draws on the earlier turn ``source`` with ``weight`` (in the measure's unit)."""
+
+    turn: int
+    source: int
+    weight: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain mapping (the workbench): ``{"to": turn, "from": source, "w": weight}``."""
+        return {"to": self.turn, "from": self.source, "w": round(self.weight, 4)}
+
+
+def arcs(scores: Scores, threshold: float = ARC_THRESHOLD) -> list[Arc]:
+    """Per turn (in order), the earlier turns it draws on with a weight of at least
+    ``threshold``, strongest first; negative (a counterfactual turn made *less* expected) and
+    non-finite weights, and pairs that are not earlier-to-later, are left out."""
+    out: list[Arc] = []
+    for j in sorted(scores):
+        row = [
+            Arc(j, i, float(w))
+            for i, w in scores[j].items()
+            if i < j and w == w and abs(w) != float("inf") and w >= threshold
+        ]
+        out += sorted(row, key=lambda a: (-a.weight, a.source))
+    return out
+
+
+def _tokenize_of(backend: object) -> Callable[[str], Sequence[int]] | None:
+    """How to count a text's tokens on ``backend`` (llama.cpp's own, a transformers tokenizer)."""
+    own = getattr(backend, "tokenize", None)
+    if callable(own):
+        return own
+    tok = getattr(backend, "tokenizer", None)
+    if tok is None:
+        return None
+    return lambda text: list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def council_scores(
+    council: Council,
+    measure: str,
+    cache: MutableMapping[tuple[int, frozenset[int]], float] | None = None,
+    compute: bool = True,
+) -> Scores:
+    """The scores of ``measure`` (one of :data:`MEASURES`) over ``council``'s turns so far.
+
+    ``counterfactual`` scores finished turns only, each through its speaker's backend, memoised
+    in ``cache`` (keyed by turn and removed turns: turns are only ever appended, so an entry stays
+    true); with ``compute`` False it uses the cache alone (while a turn streams the backend is
+    busy generating). Raises :class:`MeasureUnavailable` when the backend cannot give it."""
+    turns = list(council.turns)
+    if measure == "echo":
+        return echo_scores(turns)
+    backends = {m: council.backend_for(m) for m in council.members}
+    names = sorted({str(getattr(b, "name", "?")) for b in backends.values()})
+    if measure == "attention":
+        scores = attention_scores(council.trace, turns)
+        if scores:
+            return scores
+        capable = [
+            b
+            for b in backends.values()
+            if getattr(getattr(b, "capabilities", None), "attention", False)
+        ]
+        if not capable:
+            raise MeasureUnavailable(
+                f"attention: needs the transformers backend (this council runs on "
+                f"{', '.join(names)})"
+            )
+        if any(t.voice is not None and t.source == "model" and t.finish for t in turns):
+            raise MeasureUnavailable("attention: this council's turns recorded no attention")
+        return {}
+    if measure != "counterfactual":
+        raise MeasureUnavailable(f"unknown measure {measure!r} (choose {', '.join(MEASURES)})")
+    scorers = {v: continuation_scorer(b) for v, b in backends.items()}
+    if not any(scorers.values()):
+        raise MeasureUnavailable(
+            f"counterfactual: backend {', '.join(names)} cannot score text (use llamacpp or "
+            "transformers)"
+        )
+    memo: MutableMapping[tuple[int, frozenset[int]], float] = {} if cache is None else cache
+    fns: dict[str, SurprisalFn] = {}
+    for v, sc in scorers.items():
+        if sc is not None:
+            b = backends[v]
+            fns[v] = surprisal_fn(
+                council.voices,
+                council.members,
+                turns,
+                sc,
+                _tokenize_of(b),
+                council.system,
+                persona=wants_persona(b),
+            )
+    speaker = {t.index: t.voice for t in turns}
+
+    def surprisal(j: int, removed: frozenset[int]) -> float:
+        return fns[speaker[j] or ""](j, removed)
+
+    pairs = [
+        (t.index, e.index)
+        for t in turns
+        if t.voice in fns and t.source == "model" and t.text and t.finish in _FINISHED
+        for e in turns
+        if e.index < t.index and e.text
+    ]
+    if not compute:
+        pairs = [
+            (j, i) for j, i in pairs if (j, frozenset()) in memo and (j, frozenset({i})) in memo
+        ]
+    return counterfactual_scores(turns, surprisal, memo, pairs)
