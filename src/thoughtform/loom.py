@@ -2,9 +2,13 @@
 
 A branch is a parent reply, a fork point (token index ``at``) and what is forced there: an
 alternative token (by id), any text, or "another voice opens here". The prefix before the fork
-is reproduced exactly (the parent's token ids, its telemetry copied, not regenerated); on the
-llamacpp backend the prefix's KV cache is reused and N children are sampled together in one batch
-per step (:meth:`~thoughtform.backends.llamacpp.LlamaCppBackend.sample_children`).
+is reproduced (its telemetry copied, not regenerated) as the backend's
+``Capabilities.branch_prefix`` says: ``"ids"`` = the parent's token ids exactly (llamacpp reuses
+the prefix's KV cache and samples N children together in one batch per step,
+:meth:`~thoughtform.backends.llamacpp.LlamaCppBackend.sample_children`; transformers feeds the ids
+again), ``"text"`` = the parent's text re-sent to an HTTP server (openai), which re-tokenizes it,
+so ids after the fork are not guaranteed to be those of an exact continuation. Backends without
+batched children sample N children one after another (seeds ``seed + i``).
 """
 
 from __future__ import annotations
@@ -142,6 +146,44 @@ def _prefix_ids(parent: Trace, at: int) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
+def forced_text(parent: Trace, fork: Fork, voices: VoiceSet) -> str:
+    """The text a fork forces: its text, the voice's marker on a line of its own after a blank
+    line ("another voice opens here"), or a token id's piece as the parent recorded it (the
+    chosen token or one of the alternatives at the fork)."""
+    if fork.text is not None:
+        if not fork.text:
+            raise LoomError("forced text is empty")
+        return fork.text
+    if fork.voice is not None:
+        v = voices.get(fork.voice)
+        if v is None:
+            raise LoomError(f"unknown voice {fork.voice!r} (declared: {', '.join(voices.names())})")
+        before = "".join(t.text for t in parent.tokens[: fork.at])
+        gap = (
+            ""
+            if (not before or before.endswith("\n\n"))
+            else "\n"
+            if before.endswith("\n")
+            else "\n\n"
+        )
+        return gap + v.open_marker + "\n"
+    t = parent.tokens[fork.at] if fork.at < len(parent.tokens) else None
+    cands = (
+        []
+        if t is None
+        else [(t.token_id, t.bytes, t.text), *((a.token_id, a.bytes, a.text) for a in t.top)]
+    )
+    for tid, raw, text in cands:
+        if tid == fork.token_id:
+            if raw is not None:
+                return raw.decode("utf-8", errors="replace")
+            return text
+    raise LoomError(
+        f"token id {fork.token_id} is not recorded at token {fork.at} (neither chosen nor an"
+        " alternative), so its text is unknown: force it as text"
+    )
+
+
 def forced_ids(backend: Any, parent: Trace, fork: Fork, voices: VoiceSet) -> list[int]:
     """The token ids a fork forces (a marker for "another voice opens here")."""
     if fork.token_id is not None:
@@ -149,18 +191,10 @@ def forced_ids(backend: Any, parent: Trace, fork: Fork, voices: VoiceSet) -> lis
     tokenize = getattr(backend, "tokenize", None)
     if tokenize is None:
         raise LoomError(f"backend {getattr(backend, 'name', '?')!r} cannot tokenize forced text")
-    if fork.text is not None:
-        if not fork.text:
-            raise LoomError("forced text is empty")
-        return list(tokenize(fork.text))
-    v = voices.get(fork.voice or "")
-    if v is None:
-        raise LoomError(f"unknown voice {fork.voice!r} (declared: {', '.join(voices.names())})")
-    before = "".join(t.text for t in parent.tokens[: fork.at])
-    gap = (
-        "" if (not before or before.endswith("\n\n")) else "\n" if before.endswith("\n") else "\n\n"
-    )
-    return list(tokenize(gap + v.open_marker + "\n"))
+    ids = tokenize(forced_text(parent, fork, voices))
+    if not ids:
+        raise LoomError(f"backend {getattr(backend, 'name', '?')!r} cannot tokenize forced text")
+    return list(ids)
 
 
 class _Prefixed:
@@ -240,53 +274,64 @@ def branch(
         raise LoomError(f"between 1 and {MAX_CHILDREN} children, not {n}")
     vs = trace_voice_set(parent, voices)
     req = parent_request(parent)
-    prefix = _prefix_ids(parent, fork.at)
-    forced = forced_ids(backend, parent, fork, vs)
-    caps = backend.capabilities
-    if not getattr(caps, "branching", False):
-        raise LoomError(
-            f"backend {getattr(backend, 'name', '?')!r} cannot continue from token ids"
-            " (branching needs the llamacpp backend)"
-        )
+    check_branch_backend(backend, LoomError)
+    how = getattr(backend.capabilities, "branch_prefix", "ids")
+    if fork.at > len(parent.tokens):
+        raise LoomError(f"fork index {fork.at} is past the reply's {len(parent.tokens)} tokens")
+    records = parent.tokens[: fork.at]
+    prefix: list[int] = []
+    forced: list[int] = []
+    if how == "text":
+        text = forced_text(parent, fork, vs)
+        n_forced = 1  # the forced text is one forced token event
+        prefix_text = "".join(t.text for t in records)
+        req = replace(req, prefix_text=prefix_text, forced_text=text)
+    else:
+        prefix = _prefix_ids(parent, fork.at)
+        forced = forced_ids(backend, parent, fork, vs)
+        n_forced = len(forced)
+        req = replace(req, prefix=tuple(prefix), forced=tuple(forced))
     base_seed = seed if seed is not None else int(req.sampling.seed or 0) + 1
     sampling = req.sampling
     if max_tokens is not None:
         sampling = replace(sampling, max_tokens=max_tokens)
-    req = replace(req, sampling=sampling, prefix=tuple(prefix), forced=tuple(forced))
-    records = parent.tokens[: fork.at]
+    req = replace(req, sampling=sampling)
     meta_base = {
         "kind": "generation",
         "voices": vs.name,
         "voice_set": vs.to_dict(),
         "starts_in": parent.meta.get("starts_in"),
     }
-    out: list[Trace] = []
     starts_in = (
         parent.meta.get("starts_in") if isinstance(parent.meta.get("starts_in"), str) else None
     )
-    if n == 1:
-        child_req = replace(req, sampling=replace(sampling, seed=base_seed))
-        meta = {**meta_base, "branch": _branch_meta(parent, fork, base_seed, parent_id)}
-        gen = Generation(_Prefixed(backend, records), child_req, vs, starts_in=starts_in, meta=meta)
-        out.append(gen.run())
-        return out
-    sample = getattr(backend, "sample_children", None)
-    if sample is None:
-        raise LoomError("this backend cannot sample several children at once")
     seeds = [base_seed + i for i in range(n)]
+    sample = getattr(backend, "sample_children", None) if how == "ids" else None
+    if n == 1 or sample is None:
+        # One child at a time, each a plain generation continuing the shared prefix.
+        out: list[Trace] = []
+        for sd in seeds:
+            child_req = replace(req, sampling=replace(sampling, seed=sd))
+            meta = {**meta_base, "branch": _branch_meta(parent, fork, sd, parent_id, how)}
+            gen = Generation(
+                _Prefixed(backend, records), child_req, vs, starts_in=starts_in, meta=meta
+            )
+            out.append(gen.run())
+        return out
     import time
 
     t0 = time.perf_counter()
     children = sample(req, n, seeds)
     dt = time.perf_counter() - t0
     prefix_events = [_event(t) for t in records]
+    out = []
     for i, evs in enumerate(children):
         fin = FinishEvent(
-            "length" if len(evs) - len(forced) >= (sampling.max_tokens or 0) else "stop",
+            "length" if len(evs) - n_forced >= (sampling.max_tokens or 0) else "stop",
             timings={"batch_s": dt},
             usage={"prefix_tokens": len(prefix), "completion_tokens": len(evs)},
         )
-        meta = {**meta_base, "branch": _branch_meta(parent, fork, seeds[i], parent_id)}
+        meta = {**meta_base, "branch": _branch_meta(parent, fork, seeds[i], parent_id, how)}
         child_req = replace(req, sampling=replace(sampling, seed=seeds[i]))
         gen = Generation(
             _Events(prefix_events + list(evs), fin, getattr(backend, "model_name", None)),
@@ -300,12 +345,19 @@ def branch(
     return out
 
 
-def _branch_meta(parent: Trace, fork: Fork, seed: int, parent_id: str | None) -> dict[str, Any]:
+def _branch_meta(
+    parent: Trace, fork: Fork, seed: int, parent_id: str | None, how: str = "ids"
+) -> dict[str, Any]:
     p = parent.tokens[fork.at] if fork.at < len(parent.tokens) else None
     return {
         "parent": parent_id or parent.meta.get("id") or parent.meta.get("created"),
         "fork": fork.to_dict(),
         "seed": seed,
+        # How the prefix reached the model: "ids" exactly, or "text" re-sent to a server that
+        # re-tokenizes it (the telemetry before the fork is the parent's either way, but the
+        # model may have seen other ids than the parent's).
+        "prefix": how,
+        "exact_ids": how == "ids",
         "parent_token": None if p is None else {"token_id": p.token_id, "text": p.text},
         "parent_logprob": parent_logprob(parent, fork),
     }
@@ -423,10 +475,11 @@ def compare(a: Trace, b: Trace, at: int | None = None) -> dict[str, Any]:
     }
 
 
-def check_branch_backend(backend: Backend) -> None:
-    """Raise BackendError when the backend cannot branch (used by the CLI and the UI)."""
+def check_branch_backend(backend: Backend, error: type[Exception] = BackendError) -> None:
+    """Raise ``error`` (BackendError by default) when the backend cannot branch (used by the
+    CLI, the UI and :func:`branch`)."""
     if not getattr(backend.capabilities, "branching", False):
-        raise BackendError(
-            f"backend {getattr(backend, 'name', '?')!r} cannot continue from token ids;"
-            " branching needs the llamacpp backend"
+        raise error(
+            f"backend {getattr(backend, 'name', '?')!r} cannot continue a reply from a fork;"
+            " branching needs the llamacpp or transformers backend (token ids) or openai (text)"
         )

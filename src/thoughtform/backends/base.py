@@ -65,6 +65,11 @@ class GenerationRequest:
     # first, as forced tokens, before sampling goes on.
     prefix: tuple[int, ...] = ()
     forced: tuple[int, ...] = ()
+    # Branching by text (``Capabilities.branch_prefix == "text"``, HTTP servers that take no
+    # token ids): the assistant reply so far, continued as text (not emitted), then
+    # ``forced_text`` emitted first, as a forced token, before sampling goes on.
+    prefix_text: str = ""
+    forced_text: str = ""
 
     @property
     def is_chat(self) -> bool:
@@ -161,7 +166,11 @@ class Capabilities:
     # Who speaks next: exact marker probabilities (parallel sequences) or approximate.
     voice_scores: Literal["exact", "approximate", "none"] = "none"
     voice_vectors: bool = False
-    branching: bool = False  # prefix/forced token ids honoured, KV cache reused at the fork
+    branching: bool = False  # a reply can be continued from a fork (loom)
+    # How a branch's prefix reaches the model: "ids" = the parent's token ids exactly
+    # (``GenerationRequest.prefix``/``forced``), "text" = its text re-sent (``prefix_text``/
+    # ``forced_text``: the server re-tokenizes it, so the same ids are not guaranteed).
+    branch_prefix: Literal["ids", "text"] = "ids"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping."""

@@ -504,6 +504,7 @@ class TransformersBackend:
             token_control=True,
             voice_scores="exact",
             voice_vectors=True,
+            branching=True,  # prefix ids fed after the prompt, forced ids emitted first
         )
 
     @property
@@ -560,6 +561,10 @@ class TransformersBackend:
             raise BackendError("empty prompt and the tokenizer has no BOS token")
         return [int(i) for i in ids]
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text, no BOS or other special tokens added."""
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     # -- generation
 
     def stream(
@@ -596,8 +601,12 @@ class TransformersBackend:
                 raise BackendError("backend is closed")
             ids = self.encode_prompt(request)
             prompt_len = self.prompt_tokens = len(ids)
-            if self.n_ctx and prompt_len >= self.n_ctx:
-                raise BackendError(f"prompt has {prompt_len} tokens; the context is {self.n_ctx}")
+            # A branch: the parent's reply tokens go into the cache after the prompt (counted
+            # as earlier reply tokens, not prompt, for attention), then the forced ids lead.
+            ids += [int(t) for t in request.prefix]
+            forced_queue = [int(t) for t in request.forced]
+            if self.n_ctx and len(ids) >= self.n_ctx:
+                raise BackendError(f"prompt has {len(ids)} tokens; the context is {self.n_ctx}")
             want_att = bool(request.attention)
             want_lens = bool(request.logit_lens) and self.capabilities.logit_lens
             if want_att and self.model.config._attn_implementation != "eager":
@@ -620,7 +629,7 @@ class TransformersBackend:
             with torch.inference_mode():
                 cache = self._new_cache()
                 tp = time.perf_counter()
-                if prompt_len > 1:
+                if len(ids) > 1:
                     # Prefill all but the last prompt token without attentions/hidden states
                     # (those would be prompt^2 x heads x layers); the last one is step 0's input.
                     self.model(
@@ -640,7 +649,7 @@ class TransformersBackend:
                     if limit and n >= limit:
                         reason = "length"
                         break
-                    if self.n_ctx and prompt_len + n >= self.n_ctx:
+                    if self.n_ctx and len(ids) + n >= self.n_ctx:
                         reason, message = "length", "context full"
                         break
                     out = self.model(
@@ -666,8 +675,11 @@ class TransformersBackend:
                     if step is not None and hooks is not None:
                         if step.vector != hooks.active:
                             hooks.set_many([(v, x) for v, x in step.vector if v in hooks])
-                    if step is not None and step.force is not None:
-                        tid, forced, steered, slp = int(step.force), True, True, 0.0
+                    force = step.force if step is not None else None
+                    if forced_queue and force is None:
+                        force = forced_queue.pop(0)
+                    if force is not None:
+                        tid, forced, steered, slp = int(force), True, True, 0.0
                     else:
                         temp, top_p, top_k = s.temperature, s.top_p, s.top_k
                         if step is not None:
@@ -693,7 +705,12 @@ class TransformersBackend:
                         tid,
                         raw_logits,  # the model's own distribution, whatever steering did
                         k_alt,
-                        self._attention(out.attentions, prompt_len, n, request.segment_of)
+                        self._attention(
+                            out.attentions,
+                            prompt_len,
+                            len(ids) - prompt_len + n,
+                            request.segment_of,
+                        )
                         if want_att
                         else None,
                         self._lens(out.hidden_states, raw_logits) if want_lens else None,
@@ -730,7 +747,11 @@ class TransformersBackend:
             reason,
             message,
             timings=timings,
-            usage={"prompt_tokens": prompt_len, "completion_tokens": n},
+            usage={
+                "prompt_tokens": prompt_len,
+                "prefix_tokens": len(request.prefix),
+                "completion_tokens": n,
+            },
         )
 
     def vocab(self) -> Any:
