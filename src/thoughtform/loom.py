@@ -203,10 +203,18 @@ class _Prefixed:
 
     name = "loom"
 
-    def __init__(self, backend: Backend, prefix: Sequence[TokenRecord]) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        prefix: Sequence[TokenRecord],
+        fork_telemetry: dict[str, Any] | None = None,
+    ) -> None:
         self.backend = backend
         self.prefix = list(prefix)
         self.model_name = getattr(backend, "model_name", None)
+        # A text branch's forced token comes from the server without telemetry; the parent
+        # recorded the model's distribution at the fork (same context), so it is filled in.
+        self.fork_telemetry = fork_telemetry
 
     @property
     def capabilities(self) -> Capabilities:
@@ -219,7 +227,13 @@ class _Prefixed:
         """The prefix as recorded, then the continuation."""
         for t in self.prefix:
             yield _event(t)
-        yield from self.backend.stream(request, cancel)
+        first = True
+        for ev in self.backend.stream(request, cancel):
+            if first and self.fork_telemetry and isinstance(ev, TokenEvent):
+                if ev.forced and ev.logprob is None and not ev.top:
+                    ev = replace(ev, **self.fork_telemetry)
+            first = False
+            yield ev
 
     def close(self) -> None:
         """The real backend stays open (it belongs to the caller)."""
@@ -281,11 +295,20 @@ def branch(
     records = parent.tokens[: fork.at]
     prefix: list[int] = []
     forced: list[int] = []
+    fork_telemetry: dict[str, Any] | None = None
     if how == "text":
         text = forced_text(parent, fork, vs)
         n_forced = 1  # the forced text is one forced token event
         prefix_text = "".join(t.text for t in records)
         req = replace(req, prefix_text=prefix_text, forced_text=text)
+        if fork.at < len(parent.tokens):
+            pt = parent.tokens[fork.at]
+            fork_telemetry = {
+                "top": tuple(pt.top),
+                "entropy": pt.entropy,
+                "logprob": parent_logprob(parent, fork),
+                "token_id": fork.token_id,
+            }
     else:
         prefix = _prefix_ids(parent, fork.at)
         forced = forced_ids(backend, parent, fork, vs)
@@ -314,7 +337,11 @@ def branch(
             child_req = replace(req, sampling=replace(sampling, seed=sd))
             meta = {**meta_base, "branch": _branch_meta(parent, fork, sd, parent_id, how)}
             gen = Generation(
-                _Prefixed(backend, records), child_req, vs, starts_in=starts_in, meta=meta
+                _Prefixed(backend, records, fork_telemetry),
+                child_req,
+                vs,
+                starts_in=starts_in,
+                meta=meta,
             )
             out.append(gen.run())
         return out

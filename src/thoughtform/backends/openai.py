@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..steer import SteerError, _consistent, _proper_prefix, structure_gbnf
@@ -486,6 +487,37 @@ class NoPrefill(BackendError):
     """The server cannot continue a partial assistant reply in chat form."""
 
 
+def forced_event(text: str) -> TokenEvent:
+    """Text put into the reply rather than sampled (a branch's fork, a prefilled voice marker):
+    one forced token, without telemetry (the server gives none for text it did not sample)."""
+    return TokenEvent(text=text, forced=True, steered=True, steered_logprob=0.0)
+
+
+def load_chat_template(spec: str | None) -> str | None:
+    """A chat template from ``spec``: Jinja text, a text file holding it, or a ``.gguf`` whose
+    ``tokenizer.chat_template`` it is (None stays None; raises BackendError)."""
+    if spec is None or "{" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise BackendError(f"chat template {spec}: not a template, a file or a .gguf")
+    if path.suffix.lower() == ".gguf":
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(path).fields.get("tokenizer.chat_template")
+            text = field.contents() if field is not None else None
+        except (ImportError, OSError, ValueError) as e:
+            raise BackendError(f"{path}: cannot read its chat template ({e})") from None
+        if not isinstance(text, str) or not text:
+            raise BackendError(f"{path}: the GGUF has no tokenizer.chat_template")
+        return text
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BackendError(f"{path}: cannot read the chat template ({e})") from None
+
+
 @dataclass(frozen=True)
 class ServerFeatures:
     """What one kind of OpenAI-compatible server offers for steering (from its docs/source):
@@ -592,6 +624,7 @@ class OpenAIBackend:
         max_alternatives: int = DEFAULT_MAX_ALTERNATIVES,
         logprobs: bool = True,
         server: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         import httpx
 
@@ -618,6 +651,11 @@ class OpenAIBackend:
         self._probed = False
         self._models: list[dict[str, Any]] | None = None
         self._token_cache: dict[str, list[int] | None] = {}
+        #: The model's chat template (Jinja): lets a chat reply be continued on a server with no
+        #: assistant prefill, as a completion of the rendered chat (see :meth:`render_chat`).
+        self.chat_template = load_chat_template(
+            chat_template or os.environ.get("THOUGHTFORM_CHAT_TEMPLATE") or None
+        )
         self._client = httpx.Client(
             timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
             headers={"Accept-Encoding": "identity"},  # compressed SSE would be buffered
@@ -637,6 +675,9 @@ class OpenAIBackend:
             completion=True,
             token_control=False,
             voice_scores="approximate" if self.logprobs else "none",
+            # A branch re-sends the reply so far as text (the server takes no token ids).
+            branching=True,
+            branch_prefix="text",
         )
 
     @property
@@ -809,19 +850,25 @@ class OpenAIBackend:
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
             if not messages:
                 raise BackendError("openai backend: the request has no messages")
-            if reply:
-                prefill = self.features().chat_prefill
-                if prefill is None:
+            prefill = self.features().chat_prefill if reply else None
+            if reply and prefill is None:
+                if self.chat_template is None:
                     raise NoPrefill(
                         f"this server ({self.server_kind()}) cannot continue a chat reply (no"
-                        " assistant prefill); send a raw prompt (completions) or use vLLM or"
-                        " llama.cpp's llama-server"
+                        " assistant prefill); send a raw prompt (completions), give the model's"
+                        " chat template (chat_template / THOUGHTFORM_CHAT_TEMPLATE) or use vLLM"
+                        " or llama.cpp's llama-server"
                     )
-                messages.append({"role": "assistant", "content": reply})
-                if prefill == "continue_final_message":
-                    body["continue_final_message"] = True
-                    body["add_generation_prompt"] = False
-            body["messages"] = messages
+                # The chat rendered with the model's template, continued on completions.
+                chat = False
+                body["prompt"] = self.render_chat(messages) + reply
+            else:
+                if reply:
+                    messages.append({"role": "assistant", "content": reply})
+                    if prefill == "continue_final_message":
+                        body["continue_final_message"] = True
+                        body["add_generation_prompt"] = False
+                body["messages"] = messages
         else:
             if request.prompt is None:
                 raise BackendError("openai backend: mode 'completion' needs a prompt, not messages")
@@ -859,6 +906,31 @@ class OpenAIBackend:
         path = "/chat/completions" if chat else "/completions"
         return self.base_url + path, body, chat, n
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """``messages`` through the chat template, ending with the assistant turn's opening
+        (``add_generation_prompt``), the way servers render it (raises BackendError)."""
+        if self.chat_template is None:
+            raise BackendError("openai backend: no chat template to render the chat with")
+        try:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise BackendError(
+                "rendering a chat template needs jinja2 (pip install jinja2)"
+            ) from None
+
+        def fail(msg: str) -> None:
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = fail
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+            )
+        except TemplateError as e:
+            raise BackendError(f"openai backend: the chat template failed: {e}") from None
+
     # -------------------------------------------------------------------- streaming
 
     def stream(
@@ -868,20 +940,37 @@ class OpenAIBackend:
 
         With a conductor on a voice set that has bracket voices, the reply is steered by
         stop-and-continue (see :class:`_Steer`); otherwise it is one request, streamed as is.
+        A branch (``prefix_text``/``forced_text``) continues the reply so far as text: its
+        forced text is emitted first as one forced token, then the server continues both.
         """
         cond = request.conductor
         if cond is not None and any(v.syntax == "bracket" for v in cond.voices.voices):
             yield from _Steer(self, request, cancel, cond).run()
             return
         t0 = time.perf_counter()
+        branch = bool(request.prefix_text or request.forced_text)
+        left = request.sampling.max_tokens - (1 if request.forced_text else 0)
         try:
-            url, body, chat, n_top = self.build(request)
+            if branch:
+                url, body, chat, n_top = self.compose(
+                    request,
+                    reply=request.prefix_text + request.forced_text,
+                    max_tokens=max(1, left),
+                    grammar=request.grammar,
+                )
+            else:
+                url, body, chat, n_top = self.build(request)
         except BackendError as e:
             yield FinishEvent("error", str(e))
             return
         if cancel is not None and cancel.is_set():
             yield FinishEvent("cancelled", "stopped by the user")
             return
+        if request.forced_text:
+            yield forced_event(request.forced_text)
+            if left <= 0:
+                yield FinishEvent("length", usage={"completion_tokens": 1})
+                return
         yield from self._events(url, body, chat, n_top, cancel, t0)
 
     def _events(
@@ -1253,7 +1342,11 @@ class _Steer:
 
     def _can_continue(self) -> bool:
         """Whether a partial reply can be continued by a new request."""
-        return not self.chat or self.b.features().chat_prefill is not None
+        return (
+            not self.chat
+            or self.b.features().chat_prefill is not None
+            or self.b.chat_template is not None
+        )
 
     def _emit(self, ev: TokenEvent, sampled: bool = True) -> TokenEvent:
         if self.first_at is None:
@@ -1303,7 +1396,7 @@ class _Steer:
     def _forced(self, name: str) -> TokenEvent:
         v = self.cond.voices.voice(name)
         self.voice = v.name
-        return TokenEvent(text=v.open_marker + "\n", forced=True, steered=True, steered_logprob=0.0)
+        return forced_event(v.open_marker + "\n")
 
     def _pre(self, hit: _Hit) -> list[TokenEvent]:
         """The part of the first held token before the marker (e.g. the line feed of ``\\n[``)."""
@@ -1321,6 +1414,19 @@ class _Steer:
             if cond.structure is not None:
                 yield from self._structured()
                 return
+            if self.req.prefix_text or self.req.forced_text:
+                # A branch: the reply so far is the parent's, then the fork's forced text.
+                if not self._can_continue():
+                    yield self._finish(
+                        "error",
+                        f"branch: this server ({self.b.server_kind()}) cannot continue a chat"
+                        " reply; send a raw prompt (completions), give the model's chat"
+                        " template or use vLLM or llama.cpp's llama-server",
+                    )
+                    return
+                self.reply = self.req.prefix_text
+                if self.req.forced_text:
+                    yield self._emit(forced_event(self.req.forced_text), sampled=False)
             nv = cond.next_voice
             if nv is not None and nv not in cond.muted:
                 if not self._can_continue():
