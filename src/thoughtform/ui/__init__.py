@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Before any module of this package imports gradio: no telemetry from a local tool.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from .config import ServeConfig
 

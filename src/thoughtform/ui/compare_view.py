@@ -1,19 +1,24 @@
 """The workbench's Compare tab: one prompt through the plain embedded model (asked for voices by a
-system prompt) and the voices-tuned one, same seed and length, shown side by side."""
+system prompt) and the voices-tuned one, same seed and length, shown side by side: the pure
+parts, and the tab itself (:func:`compare_tab`)."""
 
 from __future__ import annotations
 
 import html
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+import gradio as gr
 
 from ..backends.base import Backend, GenerationRequest
 from ..generate import Generation
 from ..trace import Trace
 from ..voices import VoiceSet, resolve_voice_set
 from .colors import VoiceColors
+from .common import fail
+from .config import ServeConfig
 
 LABELS = ("plain + voice prompt", "tuned (embedded-voices)")
 MAX_PROMPT_CHARS = 4000
@@ -144,10 +149,95 @@ def compare_html(
     return cols[0], cols[1]
 
 
+@dataclass
+class CompareTab:
+    """The Compare tab's components."""
+
+    config: ServeConfig
+    prompt: gr.Textbox
+    run_btn: gr.Button
+    lanes: gr.ScatterPlot
+    summary: gr.BarPlot
+    left: gr.HTML
+    right: gr.HTML
+
+    def wire(self) -> None:
+        """Register Run (the button or Enter): one comparison at a time for the whole server."""
+        voices = self.config.voices
+        pair = BackendPair()
+
+        def on_compare(text: str) -> tuple[Any, ...]:
+            try:
+                traces = run_pair(pair.get(), text, voices, seed=0, max_tokens=120)
+            except Exception as e:  # a missing model or adapter is shown, not a crash
+                raise fail(e) from None
+            left, right = compare_html(traces, voices)
+            colors = voice_colors(traces, voices)
+            longest = max(len(t.tokens) for t in traces)
+            return (
+                left,
+                right,
+                gr.ScatterPlot(lanes_frame(traces), color_map=colors, x_lim=[0, max(1, longest)]),
+                gr.BarPlot(summary_frame(traces), color_map=colors),
+            )
+
+        cmp_args: dict[str, Any] = {
+            "fn": on_compare,
+            "inputs": self.prompt,
+            "outputs": [self.left, self.right, self.lanes, self.summary],
+            "concurrency_id": "compare",
+            "concurrency_limit": 1,
+        }
+        self.run_btn.click(**cmp_args)
+        self.prompt.submit(**cmp_args)
+
+
+def compare_tab(config: ServeConfig) -> CompareTab:
+    """Lay out the Compare tab (call inside the page's ``gr.Tabs``)."""
+    with gr.Tab("Compare", id="compare-tab"):
+        with gr.Row(equal_height=True):
+            prompt = gr.Textbox(
+                show_label=False,
+                placeholder="One prompt for both models",
+                elem_id="cmp-prompt",
+                lines=1,
+                max_lines=4,
+                scale=8,
+            )
+            run_btn = gr.Button("Run", variant="primary", elem_id="cmp-run", scale=1)
+        with gr.Row():
+            lanes = gr.ScatterPlot(
+                x="token",
+                y="model",
+                color="voice",
+                title="Voices along the reply (one mark per token, shared axis)",
+                height=200,
+                scale=3,
+                elem_id="cmp-lanes",
+            )
+            summary = gr.BarPlot(
+                x="model",
+                y="tokens",
+                color="voice",
+                title="Tokens per voice",
+                height=200,
+                scale=1,
+                elem_id="cmp-summary",
+            )
+        with gr.Row():
+            with gr.Column():
+                left = gr.HTML(elem_id="cmp-left")
+            with gr.Column():
+                right = gr.HTML(elem_id="cmp-right")
+    return CompareTab(config, prompt, run_btn, lanes, summary, left, right)
+
+
 __all__ = [
     "LABELS",
     "BackendPair",
+    "CompareTab",
     "compare_html",
+    "compare_tab",
     "lanes_frame",
     "llamacpp_pair",
     "reply_html",

@@ -1,6 +1,7 @@
 """The workbench's Dataset tab as pure functions: open a dataset file, list its problems, give its
 statistics as pandas frames for Gradio's charts, show one example's reply as voice blocks (all
-HTML escaped; colours validated), and make a small sample dataset."""
+HTML escaped; colours validated), and make a small sample dataset; and the tab itself
+(:func:`dataset_tab`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
+
 from ..data.lines import DatasetError
 from ..data.stats import dataset_stats
 from ..data.validate import Issue, Report, validate
 from ..voices import VoiceSet, resolve_voice_set
 from .colors import safe_hex
+from .common import fail, plain
+from .config import ServeConfig, is_loopback
+from .service import Workbench, WorkbenchError
 
 # Caps keep one huge or broken file from flooding the page or the server's memory.
 MAX_PROBLEMS = 500
@@ -203,8 +209,170 @@ def example_html(view: DatasetView, index: int, voices: VoiceSet | str | None = 
     )
 
 
+@dataclass
+class DatasetTab:
+    """The Dataset tab's components."""
+
+    wb: Workbench
+    config: ServeConfig
+    path: gr.Textbox
+    open_btn: gr.Button
+    sample_btn: gr.Button
+    upload: gr.File
+    state: gr.State  # the open DatasetView
+    summary: gr.Markdown
+    problems: gr.HTML
+    stats: gr.HTML
+    shares: gr.BarPlot
+    lengths: gr.BarPlot
+    voices: gr.Dataframe
+    index: gr.Number
+    example: gr.HTML
+
+    def wire(self) -> None:
+        """Register open (a server path, the sample, an upload) and the example browser."""
+        wb, config = self.wb, self.config
+
+        def on_ds_path(path: str | None) -> list[Any]:
+            # A typed path reads any file the server can (the sessions database of every user
+            # included): only for one person's workbench, on loopback without a login.
+            if not is_loopback(config.host) or wb.scoped:
+                raise fail(
+                    WorkbenchError("server paths only on loopback without a login; upload the file")
+                )
+            return on_ds_open(path)
+
+        def on_ds_open(path: str | None) -> list[Any]:
+            try:
+                view = open_dataset(path or "", config.voices)
+            except (DatasetError, OSError, ValueError) as e:
+                raise fail(e) from None
+            top = max(0, len(view.examples) - 1)
+            frame = voices_frame(view.stats)
+            order = list(frame["voice"])
+            return [
+                view,
+                plain(summary_text(view)),
+                problems_html(view),
+                stats_html(view),
+                gr.BarPlot(frame, color_map=voice_colors(view.stats), sort=order),
+                frame,
+                gr.BarPlot(
+                    lengths_frame(view.stats),
+                    sort=list(lengths_frame(view.stats)["reply tokens"]),
+                    caption=lengths_text(view.stats),
+                ),
+                gr.update(maximum=top, value=0),
+                example_html(view, 0, config.voices),
+            ]
+
+        def on_ds_sample() -> list[Any]:
+            # Made now by ``dataset synth`` (40 examples) in this server's private directory.
+            try:
+                path = sample_dataset(wb.new_export_dir(), config.voices)
+            except (OSError, ValueError) as e:
+                raise fail(e) from None
+            return [str(path), *on_ds_open(str(path))]
+
+        def on_ds_index(view: Any, index: float | None) -> str:
+            if view is None:
+                return ""
+            return example_html(view, int(index or 0), config.voices)
+
+        outputs = [
+            self.state,
+            self.summary,
+            self.problems,
+            self.stats,
+            self.shares,
+            self.voices,
+            self.lengths,
+            self.index,
+            self.example,
+        ]
+        self.sample_btn.click(on_ds_sample, None, [self.path, *outputs])
+        self.open_btn.click(on_ds_path, self.path, outputs)
+        self.path.submit(on_ds_path, self.path, outputs)
+        self.upload.upload(on_ds_open, self.upload, outputs)
+        self.index.change(
+            on_ds_index, [self.state, self.index], self.example, show_progress="hidden"
+        )
+
+
+def dataset_tab(wb: Workbench, config: ServeConfig) -> DatasetTab:
+    """Lay out the Dataset tab (call inside the page's ``gr.Tabs``)."""
+    with gr.Tab("Dataset", id="dataset-tab"):
+        with gr.Row(equal_height=True):
+            path = gr.Textbox(
+                label="Dataset file on the server (.jsonl or transcript)",
+                elem_id="ds-path",
+                max_lines=1,
+                scale=6,
+            )
+            open_btn = gr.Button("Open", variant="primary", elem_id="ds-open", scale=1)
+            sample_btn = gr.Button("Try a sample dataset", elem_id="ds-sample", scale=1, size="sm")
+        upload = gr.File(
+            label="…or upload one",
+            file_types=[".jsonl", ".txt", ".md"],
+            type="filepath",
+            elem_id="ds-upload",
+        )
+        state = gr.State(None)
+        summary = gr.Markdown(elem_id="ds-summary")
+        with gr.Row():
+            with gr.Column():
+                problems = gr.HTML(elem_id="ds-problems", label="Problems")
+            with gr.Column():
+                stats = gr.HTML(elem_id="ds-stats", label="Statistics")
+        with gr.Row():
+            shares = gr.BarPlot(
+                x="voice",
+                y="share",
+                color="voice",
+                y_title="share of voiced tokens (%)",
+                y_lim=[0, None],
+                title="Voices",
+                elem_id="ds-shares",
+            )
+            lengths = gr.BarPlot(
+                x="reply tokens",
+                y="replies",
+                title="Reply length (approximate tokens)",
+                elem_id="ds-lengths",
+            )
+        voices = gr.Dataframe(label="Per voice", interactive=False, elem_id="ds-voices", wrap=True)
+        index = gr.Number(
+            value=0,
+            precision=0,
+            minimum=0,
+            label="Example number (from 0)",
+            elem_id="ds-index",
+            interactive=True,
+        )
+        example = gr.HTML(elem_id="ds-example")
+    return DatasetTab(
+        wb,
+        config,
+        path,
+        open_btn,
+        sample_btn,
+        upload,
+        state,
+        summary,
+        problems,
+        stats,
+        shares,
+        lengths,
+        voices,
+        index,
+        example,
+    )
+
+
 __all__ = [
+    "DatasetTab",
     "DatasetView",
+    "dataset_tab",
     "example_html",
     "lengths_frame",
     "lengths_text",

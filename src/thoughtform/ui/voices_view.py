@@ -1,13 +1,22 @@
-"""The workbench's Voices tab as pure functions: the editor table (add and remove rows, per-voice
-sampling), YAML, and colours that stay put when the set changes (see ``colors.fill_colors``)."""
+"""The workbench's Voices tab: the editor table (add and remove rows, per-voice sampling), YAML,
+and colours that stay put when the set changes (see ``colors.fill_colors``), as pure functions;
+and the tab itself (:func:`voices_tab`), which edits the open session's voice set."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..voices import VoiceSet, VoiceSetError, voice_set_from_dict
+import gradio as gr
+
+from ..voices import PRESETS, VoiceSet, VoiceSetError, voice_set_from_dict
 from .colors import fill_colors, safe_hex
+from .common import fail, request_user
+from .export import safe_filename
+from .service import Tab, Workbench, WorkbenchError
+from .store import StoreError
 
 VOICE_COLUMNS = [
     "name",
@@ -137,12 +146,201 @@ def _with_colors(data: dict[str, Any], shown: Mapping[str, str] | None) -> dict[
     return fill_colors(data, shown or {})
 
 
+@dataclass
+class VoicesTab:
+    """The Voices tab's components."""
+
+    wb: Workbench
+    table: gr.Dataframe
+    yaml: gr.Code
+    row: gr.State  # the row last clicked, for "Remove voice"
+    add_btn: gr.Button
+    remove_btn: gr.Button
+    default_btn: gr.Button
+    apply_table_btn: gr.Button
+    preset: gr.Dropdown
+    preset_btn: gr.Button
+    apply_yaml_btn: gr.Button
+    save_yaml_btn: gr.Button
+    load_yaml_btn: gr.UploadButton
+    yaml_file: gr.File
+
+    @property
+    def outputs(self) -> list[Any]:
+        """What shows a session's voice set (filled by :meth:`values`)."""
+        return [self.table, self.yaml]
+
+    def values(self, vs: VoiceSet) -> list[Any]:
+        """The values of :attr:`outputs` for voice set ``vs``."""
+        return [voice_rows(vs), vs.to_yaml()]
+
+    def wire(self, tab_state: gr.State, board: gr.HTML) -> None:
+        """Register the editor's events: each applied set is the open session's at once (its
+        replies are parsed again and the board redrawn)."""
+        wb = self.wb
+
+        def current_voices(tab: dict[str, Any], user: str | None) -> VoiceSet:
+            return wb.voices_of(wb.session_info(Tab.of(tab).sid, user))
+
+        def shown_colors(tab: dict[str, Any], user: str | None) -> dict[str, str]:
+            """The colours the session shows now (declared and undeclared voices): kept."""
+            info = wb.session_info(Tab.of(tab).sid, user)
+            if info is None:
+                return {}
+            return wb.encoder_for(info)[0].colors.shown()
+
+        def apply_voices(tab: dict[str, Any], vs: VoiceSet, user: str | None) -> list[Any]:
+            t = Tab.of(tab)
+            if not t.sid:
+                raise fail(WorkbenchError("no session open"))
+            try:
+                wb.set_voices(t.sid, vs, user)
+            except (WorkbenchError, StoreError) as e:
+                raise fail(e) from None
+            pl, new_tab = wb.reset_payload(t.sid, user)
+            return [pl, new_tab.to_dict(), *self.values(vs)]
+
+        def on_apply_table(tab: dict[str, Any], rows: Any, request: gr.Request) -> list[Any]:
+            user = request_user(request)
+            try:
+                vs = voices_from_rows(rows, current_voices(tab, user), shown_colors(tab, user))
+                return apply_voices(tab, vs, user)
+            except VoiceSetError as e:
+                raise fail(e) from None
+
+        def on_apply_yaml(tab: dict[str, Any], text: str, request: gr.Request) -> list[Any]:
+            user = request_user(request)
+            try:
+                return apply_voices(tab, voices_from_yaml(text, shown_colors(tab, user)), user)
+            except VoiceSetError as e:
+                raise fail(e) from None
+
+        def on_add_voice(rows: Any) -> Any:
+            return add_row(rows)
+
+        def on_pick_row(evt: gr.SelectData) -> int | None:
+            idx = evt.index
+            row = idx[0] if isinstance(idx, (list, tuple)) else idx
+            return int(row) if isinstance(row, int) else None
+
+        def on_remove_voice(rows: Any, row: int | None) -> tuple[Any, None]:
+            if row is None:
+                raise fail(WorkbenchError("click a cell of the voice to remove first"))
+            return remove_row(rows, row), None
+
+        def on_default_voices(tab: dict[str, Any], request: gr.Request) -> None:
+            user = request_user(request)
+            vs = current_voices(tab, user)
+            try:
+                wb.set_default_voices(vs, user)
+            except WorkbenchError as e:
+                raise fail(e) from None
+            gr.Info(f"New sessions start with the voices {vs.name or 'of this session'}.")
+
+        def on_preset(tab: dict[str, Any], name: str | None, request: gr.Request) -> list[Any]:
+            if name is None or name not in PRESETS:
+                raise fail(WorkbenchError("pick a preset first"))
+            return apply_voices(tab, PRESETS[name], request_user(request))
+
+        def on_load_yaml(tab: dict[str, Any], path: str | None, request: gr.Request) -> list[Any]:
+            if not path:
+                return [gr.skip()] * len(voice_outputs)
+            try:
+                text = Path(path).read_bytes()[:1_000_000].decode("utf-8-sig", errors="replace")
+                return apply_voices(tab, voices_from_yaml(text), request_user(request))
+            except VoiceSetError as e:
+                raise fail(e) from None
+
+        def on_save_yaml(tab: dict[str, Any], request: gr.Request) -> str:
+            vs = current_voices(tab, request_user(request))
+            out = wb.new_export_dir() / safe_filename(vs.name or "voices", ".yaml")
+            out.write_text(vs.to_yaml(), encoding="utf-8")
+            return str(out)
+
+        voice_outputs = [board, tab_state, *self.outputs]
+        quiet: dict[str, Any] = {"show_progress": "hidden"}
+        self.table.select(on_pick_row, None, self.row, **quiet)
+        self.add_btn.click(on_add_voice, self.table, self.table)
+        self.remove_btn.click(on_remove_voice, [self.table, self.row], [self.table, self.row])
+        self.default_btn.click(on_default_voices, tab_state, None)
+        self.apply_table_btn.click(on_apply_table, [tab_state, self.table], voice_outputs, **quiet)
+        self.apply_yaml_btn.click(on_apply_yaml, [tab_state, self.yaml], voice_outputs, **quiet)
+        self.preset_btn.click(on_preset, [tab_state, self.preset], voice_outputs, **quiet)
+        self.load_yaml_btn.upload(
+            on_load_yaml, [tab_state, self.load_yaml_btn], voice_outputs, **quiet
+        )
+        self.save_yaml_btn.click(on_save_yaml, tab_state, self.yaml_file)
+
+
+def voices_tab(wb: Workbench) -> VoicesTab:
+    """Lay out the Voices tab (call inside the page's ``gr.Tabs``)."""
+    with gr.Tab("Voices", id="voices-tab"):
+        gr.Markdown(
+            "Edits apply to **this session** (its replies are parsed again at once). "
+            "*Use for new sessions* makes this set the one new sessions start with. "
+            "Hiding a voice is done in the legend and only changes this session's view.",
+            elem_id="voices-note",
+        )
+        table = gr.Dataframe(
+            headers=VOICE_COLUMNS,
+            datatype=["str"] * len(VOICE_COLUMNS),
+            column_count=len(VOICE_COLUMNS),
+            type="array",
+            interactive=True,
+            column_widths=["11%", "9%", "6%", "8%", "10%", "36%", "10%", "10%"],
+            wrap=True,
+            label=(
+                "Voices (color #RRGGBB; syntax bracket = [Name], tag = <name>…</name>;"
+                " temperature, top_p: sampling while the voice speaks, empty = session's)"
+            ),
+            elem_id="voices-table",
+        )
+        row = gr.State(None)
+        with gr.Row():
+            add_btn = gr.Button("Add voice", elem_id="add-voice", size="sm")
+            remove_btn = gr.Button("Remove selected voice", elem_id="remove-voice", size="sm")
+            default_btn = gr.Button("Use for new sessions", elem_id="default-voices", size="sm")
+        with gr.Row():
+            apply_table_btn = gr.Button("Apply table", elem_id="apply-table", variant="primary")
+            preset = gr.Dropdown(list(PRESETS), value=None, label="Preset", elem_id="preset")
+            preset_btn = gr.Button("Use preset", elem_id="use-preset")
+        yaml = gr.Code(language="yaml", label="Voice set (YAML)", elem_id="voices-yaml")
+        with gr.Row():
+            apply_yaml_btn = gr.Button("Apply YAML", elem_id="apply-yaml")
+            save_yaml_btn = gr.Button("Save YAML", elem_id="save-yaml")
+            load_yaml_btn = gr.UploadButton(
+                "Load YAML",
+                file_types=[".yaml", ".yml", ".json"],
+                type="filepath",
+                elem_id="load-yaml",
+            )
+        yaml_file = gr.File(label="voices.yaml", interactive=False, elem_id="yaml-file")
+    return VoicesTab(
+        wb,
+        table,
+        yaml,
+        row,
+        add_btn,
+        remove_btn,
+        default_btn,
+        apply_table_btn,
+        preset,
+        preset_btn,
+        apply_yaml_btn,
+        save_yaml_btn,
+        load_yaml_btn,
+        yaml_file,
+    )
+
+
 __all__ = [
     "VOICE_COLUMNS",
+    "VoicesTab",
     "add_row",
     "remove_row",
     "table_rows",
     "voice_rows",
     "voices_from_rows",
     "voices_from_yaml",
+    "voices_tab",
 ]
