@@ -155,13 +155,19 @@ def test_hostile_voice_names_and_colours_render_as_text(page: Any) -> None:
     snap = {
         "n": 999, "kind": "council", "id": "c-hostile", "state": "done", "policy": "model",
         "title": "<script>window.__pwned=8</script>",
-        "members": [{"name": name, "color": "red;background:url(https://evil.invalid/x)"},
+        "members": [{"name": name, "color": "red;background:url(https://evil.invalid/x)",
+                     "backend": "<img src=x onerror=window.__pwned=5>"},
                     {"name": "Echo", "color": "#BB5500"}],
         "voices": {}, "error": "<b>no</b>",
         "turns": [{"i": 0, "voice": name, "text": "<script>window.__pwned=6</script>",
                    "by": "model", "source": "model", "policy": "model", "finish": "stop",
-                   "probs": {name: 0.75, "Echo": 0.25}}],
+                   "probs": {name: 0.75, "Echo": 0.25}},
+                  {"i": 1, "voice": "Echo", "text": "x", "by": "rule", "source": "model",
+                   "policy": "list", "finish": "stop", "probs": {}}],
         "matrix": {"labels": [name, "Echo"], "values": [[0.5, None], [0.25, None]]},
+        "arcs": [{"to": 1, "from": 0, "w": 0.5}, {"to": "<b>x</b>", "from": 0, "w": 0.5},
+                 {"to": 1, "from": 0, "w": "<img src=x onerror=window.__pwned=4>"}],
+        "shown": "<script>", "measure_note": "<b>note</b>", "unit": "share",
     }  # fmt: skip
     page.evaluate(
         "(s) => window.thoughtformCouncil.instances.at(-1).receive(JSON.stringify(s))", snap
@@ -176,6 +182,15 @@ def test_hostile_voice_names_and_colours_render_as_text(page: Any) -> None:
     )
     assert probs == [f"{name} 0.75", "Echo 0.25"]
     assert page.text_content("#tf-council .tf-c-text") == "<script>window.__pwned=6</script>"
+    # The arc (only the well-formed one) is titled with the hostile name as text.
+    titles = page.eval_on_selector_all(
+        "#tf-council path.tf-c-arc title", "e => e.map(x => x.textContent)"
+    )
+    assert titles == [f"Echo (turn 2) draws on {name} (turn 1): 0.50"]
+    assert page.text_content("#tf-council .tf-c-measure-note") == "<b>note</b>"
+    assert page.text_content("#tf-council .tf-c-side-title") == "Resonance (echo)"
+    backend = page.text_content("#tf-council .tf-c-lane .tf-c-lane-backend")
+    assert backend == "<img src=x onerror=window.__pwned=5>"
     status = page.text_content("#tf-council .tf-c-status")
     assert (
         status is not None
@@ -193,3 +208,72 @@ def test_hostile_voice_names_and_colours_render_as_text(page: Any) -> None:
         == 0
     )
     assert json.dumps(snap)  # the payload itself was well-formed JSON
+
+
+def order(page: Any) -> list[list[Any]]:
+    return list(
+        page.eval_on_selector_all(
+            "#tf-council-order li",
+            "e => e.map(x => [x.dataset.voice, x.querySelector('input').checked])",
+        )
+    )
+
+
+def test_reorder_members_by_drag_and_keys_then_the_council_speaks_so(page: Any) -> None:
+    got = order(page)
+    assert got[:4] == [[m, True] for m in MEMBERS] and all(not on for _, on in got[4:])
+    # Each member shows the backend it speaks through, as text.
+    be = page.text_content("#tf-council-order li[data-voice=Echo] .tf-c-order-backend")
+    assert be == "replay · hostile.txt"
+    # Drag Shift onto the top half of Echo's row: Shift goes first.
+    page.locator("#tf-council-order li[data-voice=Shift]").drag_to(
+        page.locator("#tf-council-order li[data-voice=Echo]"), target_position={"x": 20, "y": 2}
+    )
+    assert [n for n, _ in order(page)][:4] == ["Shift", "Echo", "Doubt", "Pulse"]
+    # The keyboard way: Alt+Up on a focused row, and the row's move-down button.
+    page.locator("#tf-council-order li[data-voice=Doubt]").focus()
+    page.keyboard.press("Alt+ArrowUp")
+    assert [n for n, _ in order(page)][:4] == ["Shift", "Doubt", "Echo", "Pulse"]
+    page.get_by_role("button", name="move Shift down").click()
+    assert [n for n, _ in order(page)][:4] == ["Doubt", "Shift", "Echo", "Pulse"]
+    page.get_by_role("checkbox", name="in the council: Pulse").uncheck()
+    box = page.locator("#council-members textarea, #council-members input").first
+    assert json.loads(box.input_value()) == ["Doubt", "Shift", "Echo"]
+    pick(page, "council-policy", "list")
+    start(page, "Is the sea here?", n_turns=3)
+    wait_state(page, "done")
+    assert [t["voice"] for t in turns(page)] == ["(user)", "Doubt", "Shift", "Echo"]
+    lanes = page.eval_on_selector_all("#tf-council .tf-c-lane", "e => e.map(x => x.dataset.voice)")
+    assert lanes == ["(user)", "Doubt", "Shift", "Echo"]
+    lane_be = page.text_content("#tf-council .tf-c-lane[data-voice=Doubt] .tf-c-lane-backend")
+    assert lane_be == "replay"
+    # The arcs: one path per arc of the payload, between the two turns' marks, titled.
+    want = page.evaluate("() => window.thoughtformCouncil.instances.at(-1).arcData.arcs")
+    assert want and all(a["from"] < a["to"] for a in want)
+    drawn = page.eval_on_selector_all(
+        "#tf-council svg.tf-c-arcs path.tf-c-arc",
+        """e => e.map(p => ({to: +p.dataset.to, from: +p.dataset.from, w: +p.dataset.w,
+            width: +p.getAttribute('stroke-width'), title: p.querySelector('title').textContent}))""",
+    )
+    assert [(d["to"], d["from"], d["w"]) for d in drawn] == [
+        (a["to"], a["from"], a["w"]) for a in want
+    ]
+    names = {0: "you", 1: "Doubt", 2: "Shift", 3: "Echo"}
+    for d in drawn:
+        head, _, value = d["title"].rpartition(": ")
+        assert head == (
+            f"{names[d['to']]} (turn {d['to'] + 1}) draws on {names[d['from']]} "
+            f"(turn {d['from'] + 1})"
+        )
+        assert len(value) == 4 and float(value) == pytest.approx(d["w"], abs=0.0051)
+        assert d["width"] == pytest.approx(1 + 5 * d["w"], abs=0.01)  # thicker when stronger
+    # A measure the replay backend cannot give: one line says so, echo stays.
+    page.locator("#council-measure").get_by_text("counterfactual", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#tf-council .tf-c-measure-note').textContent !== ''",
+        timeout=30_000,
+    )
+    note = page.text_content("#tf-council .tf-c-measure-note")
+    assert note is not None and note.startswith("counterfactual: backend replay cannot score")
+    assert page.text_content("#tf-council .tf-c-side-title") == "Resonance (echo)"
+    assert page.eval_on_selector_all("#tf-council path.tf-c-arc", "e => e.length") == len(want)

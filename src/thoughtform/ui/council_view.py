@@ -1,10 +1,14 @@
 """The workbench's Council tab: voices take turns as separate speakers (thoughtform.council),
-streamed turn by turn into their own blocks, one lane per member, and the resonance matrix.
+streamed turn by turn into their own blocks, one lane per member, the resonance arcs between
+the lanes and the voice x voice matrix, in the measure the user picks (echo on every backend,
+attention on transformers, counterfactual on llamacpp / transformers: ``resonance.council_scores``).
 
 :class:`CouncilService` does the work (testable without a browser); :func:`council_tab` lays out
 the tab and wires it. The page gets whole snapshots of the council (a few KB: the turns, who chose
-each speaker and with what probabilities, the echo matrix) as JSON in one ``gr.HTML`` value;
-``assets/council.js`` draws them with ``textContent`` only. Councils are saved in the sessions
+each speaker and with what probabilities, the chosen measure's matrix and arcs) as JSON in one
+``gr.HTML`` value; ``assets/council.js`` draws them with ``textContent`` only. Members are picked
+and ordered in a list drawn by the same script (drag, or the up / down buttons, or Alt+arrows),
+which writes the order into a hidden box the Start button reads. Councils are saved in the sessions
 database (``council_store.py``) after every turn, and export as trace JSONL, Markdown or an HTML
 report.
 """
@@ -25,7 +29,15 @@ import gradio as gr
 
 from ..backends.base import Sampling
 from ..council import DEFAULT_TURN_TOKENS, POLICIES, USER, Council, CouncilError, Turn, transcript
-from ..resonance import echo_scores, voice_matrix
+from ..resonance import (
+    MEASURES,
+    UNITS,
+    MeasureUnavailable,
+    arcs,
+    council_scores,
+    echo_scores,
+    voice_matrix,
+)
 from ..voices import VoiceSet
 from .council_store import CouncilStore, new_council_id, valid_council_id
 from .service import Workbench, WorkbenchError
@@ -59,6 +71,9 @@ class LiveCouncil:
     running: threading.Lock = field(default_factory=threading.Lock)
     state: str = "idle"  # idle | waiting | running | pausing | paused | stopped | done
     note: str = ""
+    measure: str = "echo"  # the resonance measure the matrix and the arcs show
+    # counterfactual surprisals, (turn, removed turns) -> nats/token: computed once each
+    cf_cache: dict[tuple[int, frozenset[int]], float] = field(default_factory=dict)
 
 
 def council_markdown(title: str, turns: Sequence[Turn]) -> str:
@@ -118,7 +133,9 @@ class CouncilService:
             raise WorkbenchError("no such council")
         backend = self.wb.backend_for(self.wb.default_settings())
         try:
-            council = Council.from_trace(trace, backend, chooser=_no_pick)
+            council = Council.from_trace(
+                trace, backend, chooser=_no_pick, attention=_has_attention(backend)
+            )
         except CouncilError as e:
             raise WorkbenchError(str(e)) from None
         live = LiveCouncil(cid, owner, str(trace.meta.get("title") or "Council"), council)
@@ -132,11 +149,43 @@ class CouncilService:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def snapshot(self, live: LiveCouncil | None, error: str = "") -> str:
+    def resonance(
+        self, live: LiveCouncil, settled: bool | None = None
+    ) -> tuple[str, dict[int, dict[int, float]], str]:
+        """(the measure shown, its scores, a one-line note) for the council's chosen measure.
+
+        A measure the backend cannot give falls back to echo, and the note says why. The
+        counterfactual one is computed only when ``settled`` (default: no run in progress): while
+        a turn streams the backend is busy generating (its lock is held by the very generation
+        this snapshot interrupts), so until then only cached surprisals are shown."""
+        c = live.council
+        if settled is None:
+            settled = not live.running.locked()
+        measure = live.measure
+        note = ""
+        try:
+            scores = council_scores(c, measure, live.cf_cache, compute=settled)
+        except MeasureUnavailable as e:
+            return "echo", echo_scores(c.turns), f"{e}; showing echo"
+        except Exception as e:  # a backend failing to score (context too long...): one line
+            line = " ".join(str(e).split())[:200]
+            return "echo", echo_scores(c.turns), f"{measure}: failed ({line}); showing echo"
+        if measure == "counterfactual" and not settled:
+            scored = sum(1 for t in c.turns if t.voice is not None and t.source == "model")
+            if len(scores) < scored:
+                note = "counterfactual: new turns are scored when the council pauses or ends"
+        return measure, scores, note
+
+    def snapshot(
+        self, live: LiveCouncil | None, error: str = "", settled: bool | None = None
+    ) -> str:
         """What the page draws: the whole council as JSON (see ``assets/council.js``)."""
         d: dict[str, Any] = {"n": next(self._nonce), "kind": "council", "error": error[:500]}
         if live is None:
-            d.update(id=None, state="idle", members=[], voices={}, turns=[], matrix=None)
+            d.update(
+                id=None, state="idle", members=[], voices={}, turns=[], matrix=None, arcs=[],
+                measure="echo", shown="echo", unit=UNITS["echo"], measure_note="",
+            )  # fmt: skip
             return json.dumps(d, ensure_ascii=False, allow_nan=False)
         c = live.council
         vs = c.voices
@@ -145,7 +194,8 @@ class CouncilService:
         if any(t.voice is None for t in turns):
             labels.insert(0, USER)
         labels += [t.voice for t in turns if t.voice is not None and t.voice not in labels]
-        matrix = voice_matrix(turns, echo_scores(turns), labels=labels)
+        shown, scores, measure_note = self.resonance(live, settled)
+        matrix = voice_matrix(turns, scores, labels=labels)
         d.update(
             id=live.id,
             title=live.title,
@@ -158,6 +208,7 @@ class CouncilService:
                     "color": vs.color_of(m),
                     "glyph": vs.voice(m).glyph,
                     "muted": m in c.muted,
+                    "backend": _backend_label(c.backend_for(m)),
                 }
                 for m in c.members
             ],
@@ -176,8 +227,51 @@ class CouncilService:
                 for t in turns
             ],
             matrix=matrix.to_dict(),
+            arcs=[a.to_dict() for a in arcs(scores)],
+            measure=live.measure,
+            shown=shown,
+            unit=UNITS[shown],
+            measure_note=measure_note,
         )
         return json.dumps(d, ensure_ascii=False, allow_nan=False)
+
+    def set_measure(self, cid: str | None, measure: str, user: str | None) -> str:
+        """Show ``measure`` (echo, attention, counterfactual) in the matrix and the arcs."""
+        if measure not in MEASURES:
+            raise WorkbenchError(f"unknown measure {measure!r} (choose {', '.join(MEASURES)})")
+        live = self.get(cid, user)
+        live.measure = measure
+        return self.snapshot(live)
+
+    def order_value(self) -> str:
+        """What the member list draws: every voice that may be a member (default members first,
+        in order, ticked), its colour and the backend it would speak through, as JSON."""
+        names = self.member_choices()
+        default = [m for m in DEFAULT_MEMBERS if m in names] or names[:4]
+        s = self.wb.default_settings()
+        where = _settings_label(s, self.wb.config.replay)
+        rows = [
+            {"name": n, "color": self.voices.color_of(n), "on": n in default, "backend": where}
+            for n in [*default, *(n for n in names if n not in default)]
+        ]
+        return json.dumps({"kind": "order", "voices": rows}, ensure_ascii=False)
+
+    def parse_members(self, raw: object) -> list[str]:
+        """The members the page sent (a JSON list of names, in order, or "A,B,C")."""
+        if isinstance(raw, list):
+            got: object = raw
+        else:
+            text = str(raw or "").strip()
+            try:
+                got = json.loads(text) if text.startswith("[") else text.split(",")
+            except ValueError:
+                raise WorkbenchError("members: not a list of voice names") from None
+        if not isinstance(got, list) or not all(isinstance(m, str) for m in got):
+            raise WorkbenchError("members: not a list of voice names")
+        out = [m.strip() for m in got if m.strip()]
+        if not out:
+            raise WorkbenchError("pick at least one member first")
+        return out
 
     def save(self, live: LiveCouncil) -> None:
         """Write the council to the database (its whole trace)."""
@@ -195,9 +289,10 @@ class CouncilService:
         max_tokens: int,
         prompt: str,
         user: str | None,
+        measure: str = "echo",
     ) -> Iterator[tuple[str, str]]:
-        """A new council: the prompt is the user's first message; then ``turns`` turns.
-        Yields (snapshot, council id)."""
+        """A new council: the prompt is the user's first message; then ``turns`` turns, its
+        resonance shown in ``measure``. Yields (snapshot, council id)."""
         owner = self.wb.owner(user)
         if not isinstance(prompt, str) or not prompt.strip():
             raise WorkbenchError("write what you say to the council first")
@@ -207,6 +302,8 @@ class CouncilService:
         backend = self.wb.backend_for(s)
         if s["backend"] == "replay":
             max_tokens = 0  # a recording plays whole (as in the chat)
+        if measure not in MEASURES:
+            raise WorkbenchError(f"unknown measure {measure!r} (choose {', '.join(MEASURES)})")
         try:
             council = Council(
                 self.voices,
@@ -222,11 +319,13 @@ class CouncilService:
                 seed=s.get("seed"),
                 chooser=_no_pick,
                 alternatives=0,
+                # Attention resonance where the backend can record it (transformers).
+                attention=_has_attention(backend),
             )
         except CouncilError as e:
             raise WorkbenchError(str(e)) from None
         cid = new_council_id()
-        live = LiveCouncil(cid, owner, _title(prompt), council)
+        live = LiveCouncil(cid, owner, _title(prompt), council, measure=measure)
         council.say(prompt)
         with self._lock:
             self.live[cid] = live
@@ -273,7 +372,7 @@ class CouncilService:
                     return
                 ahead = self.wb.queue.wait(ticket, ahead, 0.5)
             live.state, live.note = "running", ""
-            yield self.snapshot(live), live.id
+            yield self.snapshot(live, settled=False), live.id
             last = 0.0
             error = ""
             try:
@@ -285,7 +384,7 @@ class CouncilService:
                         if ev.turn.finish == "error":
                             error = ev.turn.message
                     last = time.monotonic()
-                    yield self.snapshot(live, error), live.id
+                    yield self.snapshot(live, error, settled=False), live.id
             except CouncilError as e:
                 error = str(e)
             c = live.council
@@ -299,7 +398,8 @@ class CouncilService:
             else:
                 live.state = "done"
             self.save(live)
-            yield self.snapshot(live, error), live.id
+            # The run is over (this run's queue ticket still held): a fine time to score.
+            yield self.snapshot(live, error, settled=True), live.id
         finally:
             if live.state == "pausing":
                 live.state = "paused"
@@ -400,6 +500,24 @@ class CouncilService:
         return out
 
 
+def _has_attention(backend: object) -> bool:
+    """Whether ``backend`` records attention (the attention resonance measure)."""
+    return bool(getattr(getattr(backend, "capabilities", None), "attention", False))
+
+
+def _backend_label(backend: object) -> str:
+    """Which backend and model a member speaks through, as plain text ("llamacpp · x.gguf")."""
+    name = str(getattr(backend, "name", "") or "?")
+    model = Path(str(getattr(backend, "model_name", "") or "")).name
+    return f"{name} · {model}" if model else name
+
+
+def _settings_label(s: dict[str, Any], replay: str | None = None) -> str:
+    """The backend and model the workbench's settings name (before any is loaded)."""
+    model = Path(str(s.get("model") or (replay if s["backend"] == "replay" else "") or "")).name
+    return f"{s['backend']} · {model}" if model else f"{s['backend']} · default model"
+
+
 def _no_pick(council: Council, eligible: list[str]) -> str | None:
     """Manual councils in the workbench: nobody speaks until the user picks (Speak next)."""
     return None
@@ -450,17 +568,29 @@ def council_tab(
         )
         cid = gr.State(None)
         with gr.Row(equal_height=True):
-            c_members = gr.Dropdown(
-                members,
-                value=default,
-                multiselect=True,
-                label="Members (they are listed, and speak in list policies, in the order picked)",
-                elem_id="council-members",
-                scale=4,
-            )
+            with gr.Column(scale=4, min_width=280):
+                gr.HTML(
+                    value=svc.order_value(),
+                    html_template='<div class="tf-c-order" id="tf-council-order"></div>',
+                    # The script comes with the board's head: wait for it if this mounts first.
+                    js_on_load="(function go() { var c = window.thoughtformCouncil; "
+                    "if (c) c.order(element, props); else setTimeout(go, 50); })();",
+                    elem_id="council-order",
+                    apply_default_css=False,
+                )
+                # What the list above writes (a JSON list of the ticked members, in order):
+                # in the page but not shown, so the Start button can read it.
+                c_members = gr.Textbox(
+                    value=json.dumps(default), visible="hidden", elem_id="council-members"
+                )
             c_policy = gr.Dropdown(
                 list(POLICIES), value="round-robin", label="Policy", elem_id="council-policy"
             )
+            c_measure = gr.Radio(
+                list(MEASURES), value="echo", label="Resonance", elem_id="council-measure",
+                info="echo: any backend; attention: transformers; counterfactual: llamacpp, "
+                "transformers (computed when a run ends)",
+            )  # fmt: skip
             c_turns = gr.Number(
                 value=8, precision=0, minimum=1, maximum=MAX_TURNS, label="Turns",
                 elem_id="council-turns",
@@ -504,12 +634,20 @@ def council_tab(
             yield from gen
 
     def on_start(
-        ms: list[str], policy: str, turns: float, tokens: float, text: str, request: gr.Request
+        ms: str,
+        policy: str,
+        turns: float,
+        tokens: float,
+        text: str,
+        measure: str,
+        request: gr.Request,
     ) -> Iterator[tuple[Any, Any, Any]]:
         user = user_of(request)
         first = True
+        with shown():
+            names = svc.parse_members(ms)
         for pl, c in run(
-            svc.start(ms or [], policy, int(turns or 8), int(tokens or 0), text, user)
+            svc.start(names, policy, int(turns or 8), int(tokens or 0), text, user, measure)
         ):
             yield pl, c, ("" if first else gr.skip())
             first = False
@@ -536,6 +674,12 @@ def council_tab(
         with shown():
             return svc.set_muted(c, muted or [], user_of(request))
 
+    def on_measure(c: str | None, measure: str, request: gr.Request) -> Any:
+        if not valid_council_id(c):
+            return gr.skip()  # the choice is read again when a council starts
+        with shown():
+            return svc.set_measure(c, measure, user_of(request))
+
     def on_say(c: str | None, who: str, text: str, request: gr.Request) -> tuple[str, str]:
         voice = None if who in (None, "", "yourself") else who
         with shown():
@@ -545,9 +689,9 @@ def council_tab(
         with shown():
             return gr.update(choices=svc.choices(user_of(request)), value=c)
 
-    def on_open(c: str | None, request: gr.Request) -> tuple[str, str | None]:
+    def on_open(c: str | None, measure: str, request: gr.Request) -> tuple[str, str | None]:
         with shown():
-            return svc.open(c, user_of(request)), c
+            return svc.set_measure(c, measure, user_of(request)), c
 
     def on_export(c: str | None, kind: str, request: gr.Request) -> str:
         with shown():
@@ -561,7 +705,10 @@ def council_tab(
             "concurrency_limit": 4,
         }
         started = c_start.click(
-            on_start, [c_members, c_policy, c_turns, c_tokens, c_text], [board, cid, c_text], **loop
+            on_start,
+            [c_members, c_policy, c_turns, c_tokens, c_text, c_measure],
+            [board, cid, c_text],
+            **loop,
         )
         started.then(on_saved, cid, c_saved, show_progress="hidden")
         c_resume.click(on_resume, [cid, c_turns], [board, cid], **loop)
@@ -570,10 +717,11 @@ def council_tab(
         c_pause.click(on_pause, cid, board, **now)
         c_stop.click(on_stop, cid, board, **now)
         c_mute.input(on_mute, [cid, c_mute], board, **now)
+        c_measure.input(on_measure, [cid, c_measure], board, **now)
         c_say.click(on_say, [cid, c_as, c_text], [board, c_text], **now)
         c_text.submit(on_say, [cid, c_as, c_text], [board, c_text], **now)
         c_saved.focus(on_saved, cid, c_saved, show_progress="hidden")
-        c_open.click(on_open, c_saved, [board, cid], **now)
+        c_open.click(on_open, [c_saved, c_measure], [board, cid], **now)
         c_export.click(on_export, [cid, c_kind], c_file)
         return svc
 
