@@ -372,13 +372,24 @@ def cmd_branch(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     vs = trace_voice_set(parent, args.voices)
     from .backends import BackendError, create_backend
-    from .loom import branch_model
+    from .loom import branch_model, check_branch_backend
 
+    if args.backend == "openai":
+        opts: dict[str, Any] = {
+            "base_url": args.base_url,
+            "model": args.model,
+            "api_key": args.api_key,
+            "server": args.server_kind,
+            "chat_template": args.chat_template,
+        }
+    else:
+        opts = {"model": branch_model(parent, args.model)}
     try:
-        backend = create_backend("llamacpp", model=branch_model(parent, args.model))
+        backend = create_backend(args.backend, **opts)
     except BackendError as e:
         raise UserError(str(e)) from None
     try:
+        check_branch_backend(backend)
         kids = branch(
             backend, parent, fork, n=args.n, seed=args.seed, max_tokens=args.max_tokens, voices=vs
         )
@@ -820,9 +831,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1, help="children sampled together (default: 1)")
     p.add_argument("--seed", type=int, help="seed of the first child; child i gets seed+i")
     p.add_argument("--max-tokens", type=int, help="new tokens per child (default: the parent's)")
-    p.add_argument("--model", help="embedded | embedded-voices | .gguf (default: the parent's)")
+    p.add_argument(
+        "--model",
+        help="embedded | embedded-voices | .gguf (default: the parent's); openai: the server's"
+        " model name",
+    )
     p.add_argument("--voices", help="voice set (default: the one recorded in the trace)")
     p.add_argument("--out", required=True, help="OUT.jsonl for one child, or a directory")
+    p.add_argument(
+        "--backend",
+        choices=["llamacpp", "transformers", "openai"],
+        default="llamacpp",
+        help="llamacpp / transformers continue from the parent's token ids; openai re-sends its"
+        " text to --base-url (slower, ids not guaranteed) (default: llamacpp)",
+    )
+    p.add_argument("--base-url", help="openai: server URL (default: env THOUGHTFORM_BASE_URL)")
+    p.add_argument("--api-key", help="openai: API key (default: env THOUGHTFORM_API_KEY)")
+    p.add_argument(
+        "--server-kind",
+        choices=["auto", "vllm", "llamacpp", "llama-cpp-python", "openai"],
+        default="auto",
+        help="openai: the server behind --base-url (default: auto, detected)",
+    )
+    p.add_argument(
+        "--chat-template",
+        help="openai: the model's chat template (Jinja text, a file or a .gguf), to continue a"
+        " chat reply on a server with no assistant prefill (default: env"
+        " THOUGHTFORM_CHAT_TEMPLATE)",
+    )
     p.set_defaults(func=cmd_branch)
 
     p = sub.add_parser("compare", help="compare two branches voice by voice")

@@ -18,6 +18,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from .backends.base import (
@@ -102,6 +103,14 @@ def branch_model(parent: Trace, override: str | None = None) -> str | None:
     names (``embedded``, ``embedded-voices`` or a .gguf; an adapter suffix such as
     ``embedded+voices-seed`` means the voices model). None is the plain embedded model."""
     model = str(override or parent.meta.get("model") or "embedded-voices")
+    if not override and model.endswith(".gguf") and not Path(model).expanduser().is_file():
+        # A recorded file name, not a path (transformers names the embedded GGUF by its file).
+        from .models import embedded_gguf_path
+
+        try:
+            model = "embedded" if Path(model).name == embedded_gguf_path().name else model
+        except BackendError:  # the embedded model is not installed: keep the recorded name
+            pass
     if model not in ("embedded", "embedded-voices") and not model.endswith(".gguf"):
         model = "embedded-voices" if "voices" in model else "embedded"
     return None if model == "embedded" else model
