@@ -13,7 +13,6 @@ from council_scripted import ScriptedBackend, as_speaker, speaker_of
 from thoughtform.backends.base import GenerationRequest
 from thoughtform.council import Council
 from thoughtform.resonance import (
-    ARC_THRESHOLD,
     Arc,
     MeasureUnavailable,
     arcs,
@@ -43,7 +42,6 @@ def test_arcs_keep_earlier_turns_above_the_threshold_strongest_first() -> None:
     assert got == [Arc(2, 0, 0.05), Arc(3, 2, 0.6), Arc(3, 1, 0.3)]
     assert arcs(scores, threshold=0.5) == [Arc(3, 2, 0.6)]
     assert got[1].to_dict() == {"to": 3, "from": 2, "w": 0.6}
-    assert ARC_THRESHOLD == 0.05
 
 
 def test_arcs_from_echo_on_a_hand_built_council() -> None:

@@ -39,6 +39,7 @@ from .trace import AttentionSummary, Trace
 
 __all__ = [
     "ARC_THRESHOLD",
+    "ARC_THRESHOLDS",
     "MEASURES",
     "UNITS",
     "USER",
@@ -222,6 +223,10 @@ UNITS = {"echo": "share", "attention": "attention mass", "counterfactual": "nats
 #: Arcs below this weight are not drawn: on the replay fixtures' four-turn councils an echo
 #: under 5% is one shared word in twenty, noise next to the real take-ups (25-75%).
 ARC_THRESHOLD = 0.05
+#: Per measure. Attention keeps only each token's top source positions and most of a small
+#: model's mass sits on the first tokens: on the embedded SmolLM2 (10-token turns,
+#: tests/test_council_transformers.py) a turn's mass on an earlier turn measured 0.004-0.02.
+ARC_THRESHOLDS = {"echo": ARC_THRESHOLD, "attention": 0.002, "counterfactual": ARC_THRESHOLD}
 # A turn is scored by the counterfactual measure only once it is over (its text is final).
 _FINISHED = ("stop", "length", "cut")
 

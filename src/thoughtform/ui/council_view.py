@@ -30,6 +30,7 @@ import gradio as gr
 from ..backends.base import Sampling
 from ..council import DEFAULT_TURN_TOKENS, POLICIES, USER, Council, CouncilError, Turn, transcript
 from ..resonance import (
+    ARC_THRESHOLDS,
     MEASURES,
     UNITS,
     MeasureUnavailable,
@@ -39,6 +40,7 @@ from ..resonance import (
     voice_matrix,
 )
 from ..voices import VoiceSet
+from .common import asset, plain
 from .council_store import CouncilStore, new_council_id, valid_council_id
 from .service import Workbench, WorkbenchError
 
@@ -227,7 +229,7 @@ class CouncilService:
                 for t in turns
             ],
             matrix=matrix.to_dict(),
-            arcs=[a.to_dict() for a in arcs(scores)],
+            arcs=[a.to_dict() for a in arcs(scores, ARC_THRESHOLDS[shown])],
             measure=live.measure,
             shown=shown,
             unit=UNITS[shown],
@@ -539,7 +541,6 @@ def council_tab(
 ) -> Callable[[], CouncilService]:
     """Lay out the Council tab (call inside the page's ``gr.Tabs``); returns the function that
     wires its events, to be called after the page's own (whose order Gradio numbers)."""
-    from .app import asset, plain
 
     svc = CouncilService(wb)
     members = svc.member_choices()

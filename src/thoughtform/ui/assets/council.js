@@ -40,7 +40,8 @@
     while (node.firstChild) node.removeChild(node.firstChild);
   }
   function pct(x) {
-    return Math.round(100 * x) + "%";
+    var v = 100 * x; // small shares (attention mass) keep a decimal: 0.4%, not 0%
+    return (Math.abs(v) < 10 && v !== 0 ? v.toFixed(1) : String(Math.round(v))) + "%";
   }
 
   function Council(host) {
@@ -179,6 +180,7 @@
       });
     });
     var shares = d.unit !== "nats/token";
+    var absolute = d.unit === "share"; // echo shares as they are; attention, nats relative
     var top = 0;
     d.arcs.forEach(function (a) {
       if (a && num(a.w) != null) top = Math.max(top, a.w);
@@ -193,7 +195,7 @@
       var p = marks.get(from);
       var q = marks.get(to);
       if (!p || !q) return;
-      var k = Math.min(1, shares ? w : w / top); // shares are absolute; nats relative to the top
+      var k = Math.min(1, absolute ? w : w / top);
       var h = Math.min(40, 10 + Math.abs(q.x - p.x) / 4);
       var path = document.createElementNS(SVG, "path");
       path.setAttribute("class", "tf-c-arc");
