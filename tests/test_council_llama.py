@@ -3,6 +3,7 @@ from the model, turns cut by the conductor, continuation scores that match gener
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -80,3 +81,46 @@ def test_model_policy_council_on_the_voices_adapter(backend: Any) -> None:
     s = counterfactual_scores(c.turns, f, cache, pairs=[(3, 2), (3, 0)])
     assert set(s[3]) == {0, 2} and all(math.isfinite(v) for v in s[3].values())
     assert len(cache) == 3 and all(v > 0 for v in cache.values())
+
+
+def test_counterfactual_in_the_council_tab_on_the_embedded_model(
+    backend: Any, tmp_path: Any
+) -> None:
+    # Computed on demand through llama.cpp's score_continuations, once the run is over (while
+    # a turn streams the backend's lock is held by that generation), then from the cache.
+    from thoughtform.resonance import council_scores
+    from thoughtform.ui.config import ServeConfig
+    from thoughtform.ui.council_view import CouncilService
+    from thoughtform.ui.service import Workbench
+
+    svc = CouncilService(Workbench(ServeConfig(backend="llamacpp", db=str(tmp_path / "db"))))
+    svc.wb.backend_for = lambda s: backend  # type: ignore[method-assign]  # the loaded model
+    scored: list[int] = []
+    real = backend.score_continuations
+
+    def counting(*a: Any, **kw: Any) -> list[float]:
+        scored.append(1)
+        return list(real(*a, **kw))
+
+    backend.score_continuations = counting
+    try:
+        got = [
+            json.loads(p)
+            for p, _ in svc.start(["Echo", "Doubt"], "list", 2, 12, "Is the sea cold?", None,
+                                  "counterfactual")
+        ]  # fmt: skip
+    finally:
+        del backend.score_continuations
+    last = got[-1]
+    assert last["state"] == "done" and last["shown"] == "counterfactual", last["measure_note"]
+    assert all(g["arcs"] == [] for g in got[:-1])  # nothing scored mid-run
+    live = svc.get(last["id"], None)
+    assert [t.voice for t in live.council.turns] == [None, "Echo", "Doubt"]
+    # Turn 1 without turn 0; turn 2 without 0 and without 1; each with everything: 5 scorings.
+    assert len(scored) == 5 and len(live.cf_cache) == 5
+    s = council_scores(live.council, "counterfactual", live.cf_cache)
+    assert set(s) == {1, 2} and set(s[2]) == {0, 1}
+    assert all(math.isfinite(v) for row in s.values() for v in row.values())
+    assert all(math.isfinite(v) and v > 0 for v in live.cf_cache.values())  # nats/token
+    counts = last["matrix"]["counts"]
+    assert sum(map(sum, counts)) == 3
