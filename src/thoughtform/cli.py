@@ -589,7 +589,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "branch":
         from .bench.branch import bench_branch
 
-        res = bench_branch(tokens=args.tokens or 64)
+        res = bench_branch(tokens=args.tokens or 64, backend_name=args.backend)
     elif args.what == "steer":
         from .bench.steer import bench_steer
 
@@ -958,6 +958,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-transformers", action="store_true", help="backend: skip the transformers runs"
     )
     p.add_argument("--threads", type=int, help="backend bench: decode threads for all runs")
+    p.add_argument(
+        "--backend",
+        choices=["llamacpp", "transformers"],
+        default="llamacpp",
+        help="branch bench: the backend to branch on (default: llamacpp)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
