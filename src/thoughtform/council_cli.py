@@ -20,12 +20,10 @@ from .council import (
     CouncilError,
     Turn,
     continuation_scorer,
-    surprisal_fn,
-    wants_persona,
 )
 from .render import control_label, split_controls
 from .render.terminal import label_text, voice_style
-from .resonance import VoiceMatrix, counterfactual_scores, echo_scores, voice_matrix
+from .resonance import VoiceMatrix, council_scores, echo_scores, voice_matrix
 from .voices import VoiceSet
 
 DEFAULT_MEMBERS = "Echo,Doubt,Pulse,Shift"
@@ -319,14 +317,8 @@ def _run(council: Council, args: argparse.Namespace, console: Console) -> int:
             )
         )
     if args.counterfactual and len(council.turns) > 1:
-        score = continuation_scorer(council.backend_for(council.members[0]))
-        assert score is not None  # checked before the run
-        tokenize = getattr(council.backend, "tokenize", None)
-        persona = wants_persona(council.backend_for(council.members[0]))
-        f = surprisal_fn(
-            council.voices, council.members, council.turns, score, tokenize, persona=persona
-        )
-        cf = counterfactual_scores(council.turns, f)
+        # the library's rule (finished turns, each through its speaker's backend), as the tab's
+        cf = council_scores(council, "counterfactual")
         console.print()
         console.print(
             Text(
