@@ -215,3 +215,36 @@ def test_voice_vectors_switch_at_the_voice_boundary(voices_model: Any, tmp_path:
     # Cleared after the reply: the next unsteered run is the unsteered one again.
     c = run(voices_model, "Is the sea blue?", plain.resolved(VS), seed=4, n=24)
     assert [t.token_id for t in c.tokens] == [t.token_id for t in b.tokens]
+
+
+def test_the_marker_written_after_scoring_is_not_decoded_twice(
+    voices_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Who-speaks-next decodes every marker on its own sequence; the one the reply then writes
+    shares those cache cells: fewer decodes, and its tokens' telemetry is the scoring's own."""
+    b = voices_model
+    singles: list[int] = []
+    orig = b._decode
+
+    def counting(items: Any) -> None:
+        if len(items) == 1:
+            singles.append(items[0][0])
+        orig(items)
+
+    monkeypatch.setattr(b, "_decode", counting)
+    tr = run(b, "Is the sea blue?", steer_plan(VS, next_voice="Doubt"), seed=1, n=24)
+    marker = b.vocab().marker_ids("[Doubt]")
+    ids = [t.token_id for t in tr.tokens]
+    assert ids[: len(marker) - 1] == marker[:-1] and tr.text.startswith("[Doubt]")
+    # Every emitted token but the last is in the cache; the marker's first three came from the
+    # scoring batch ("[", "Dou", "bt"), not from a decode of their own.
+    decoded = len(ids) - (1 if tr.finish and tr.finish["reason"] == "length" else 0)
+    assert len(singles) == decoded - (len(marker) - 1)
+    # The forced marker's telemetry is the scoring's: the product of its token probabilities is
+    # the probability the choice recorded for Doubt.
+    assert ids[: len(marker)] == marker  # "]" then "\n": the marker's own tokens
+    p = math.exp(sum(t.logprob or 0.0 for t in tr.tokens[: len(marker)]))
+    assert p == pytest.approx(tr.voice_choices[0]["probs"]["Doubt"], rel=1e-4)
+    # Seeded replies still repeat token for token through the shared cells.
+    again = run(b, "Is the sea blue?", steer_plan(VS, next_voice="Doubt"), seed=1, n=24)
+    assert [t.token_id for t in again.tokens] == ids

@@ -1,8 +1,9 @@
 """Per-step arithmetic on a vocabulary's logits, shared by the backends that see them.
 
 Each step works in float32 on the full vocabulary (49,152 for SmolLM2) once: the log-partition
-and exact entropy without materialising the log-softmax (H = log Z - E_p[x]), the top-k by
-``argpartition``, and sampling that sorts only the few hundred candidates top-p keeps.
+and exact entropy without materialising the log-softmax (H = log Z - E_p[x]), the top-k by a
+threshold scan (:func:`top_indices`), and sampling that sorts only the few hundred candidates
+top-p keeps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,44 @@ import numpy as np
 NUCLEUS_CANDIDATES = 256
 
 
+# First margin below the maximum logit the top-k scan tries (doubled until it holds k tokens).
+# Measured on SmolLM2's logits: 8 nats holds the top 10 (and usually the top 256) in one pass.
+_MARGIN = 8.0
+
+
+def top_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the ``k`` largest finite values of ``x``, largest first (ties: lower
+    index first).
+
+    A comparison against ``max - margin`` finds a small superset (9 us over 49,152 logits),
+    and only that is partitioned: ``argpartition`` over the whole vocabulary cost 370 us a
+    call here, twice a token, a tenth of a decode step on the embedded model."""
+    n = x.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.intp)
+    m = float(x.max())
+    if not math.isfinite(m):
+        idx = np.flatnonzero(np.isfinite(x))
+    else:
+        margin = _MARGIN
+        while True:
+            idx = np.flatnonzero(x >= m - margin)
+            if idx.shape[0] >= k or margin > 1e4:
+                break
+            margin *= 4
+        if idx.shape[0] < k:  # fewer finite values than k (a mask banned the rest)
+            idx = np.flatnonzero(np.isfinite(x))
+    if idx.shape[0] > k:
+        v = x[idx]
+        # Everything above the k-th value, then ties at it by lower index (argpartition alone
+        # would pick among ties arbitrarily).
+        kth = float(-np.partition(-v, k - 1)[k - 1])
+        above = idx[v > kth]
+        idx = np.concatenate([above, idx[v == kth][: k - above.shape[0]]])
+    return idx[np.argsort(-x[idx], kind="stable")]
+
+
 def summarize(x: np.ndarray, k: int) -> tuple[float, float, np.ndarray | None]:
     """``(log_z, entropy, top_ids)`` of raw logits ``x`` (top ids most likely first)."""
     m = float(x.max())
@@ -22,12 +61,9 @@ def summarize(x: np.ndarray, k: int) -> tuple[float, float, np.ndarray | None]:
     s = float(z.sum())
     log_z = m + math.log(s)
     entropy = max(0.0, log_z - float(np.dot(z, x)) / s)
-    n = x.shape[0]
-    k = min(k, n)
     if k <= 0:
         return log_z, entropy, None
-    idx = np.argpartition(x, n - k)[n - k :]
-    return log_z, entropy, idx[np.argsort(-x[idx], kind="stable")]
+    return log_z, entropy, top_indices(x, k)
 
 
 def log_partition(x: np.ndarray) -> float:
@@ -52,28 +88,31 @@ def sample(
     n = x.shape[0]
     k = top_k if 0 < top_k < n else n
     m = float(x.max())
-    scaled = (x - m) / temperature
-    w = np.exp(scaled)
-    total = float(w.sum())
     p = min(1.0, top_p) if top_p > 0 else 1.0
     if k == n and p >= 1.0:
-        r = rng.random() * total
+        w = np.exp((x - m) / temperature)
+        whole = float(w.sum())
+        r = rng.random() * whole
         tok = int(np.searchsorted(np.cumsum(w, dtype=np.float64), r, side="right"))
         tok = min(tok, n - 1)
-        return tok, float(math.log(max(w[tok], 1e-45) / total))
+        return tok, float(math.log(max(w[tok], 1e-45) / whole))
     take = min(k, NUCLEUS_CANDIDATES)
-    idx = np.argpartition(-scaled, take - 1)[:take]
-    wi = w[idx]
+    # Candidates by logit (the order temperature keeps), most likely first.
+    idx = top_indices(x, take)
+    wi = np.exp((x[idx] - m) / temperature)
+    total: float | None = None
     if take < k:
-        # More candidates are allowed than taken: fall back to all of them if these few do not
-        # already hold top_p of the mass (rare: a very flat distribution).
-        if float(wi.sum()) / total < p:
-            idx = np.argpartition(-scaled, k - 1)[:k] if k < n else np.arange(n)
-            wi = w[idx]
-    order = np.argsort(-wi, kind="stable")
-    idx = idx[order]
-    wi = wi[order]
-    mass = float(wi.sum()) if k < n else total
+        # More candidates are allowed than taken: widen (x4) while these do not hold top_p of
+        # the mass (a flat distribution: a reply's first token often needs ~1,000).
+        total = float(np.exp((x - m) / temperature).sum())
+        while take < k and float(wi.sum()) / total < p:
+            take = min(k, take * 4)
+            idx = top_indices(x, take)
+            wi = np.exp((x[idx] - m) / temperature)
+    if k < n:
+        mass = float(wi.sum())
+    else:
+        mass = total if total is not None else float(np.exp((x - m) / temperature).sum())
     probs = wi / mass
     before = np.cumsum(probs) - probs
     keep = int(np.count_nonzero(before < p)) or 1
