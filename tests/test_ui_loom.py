@@ -184,6 +184,10 @@ def test_forks_from_the_page() -> None:
     parent = Trace(tokens=toks(PARENT, {4: [Alternative("[Pulse]\n", -1.6, 9)]}))
     assert resolve_fork(parent, {"at": 4, "alt": "[Pulse]\n"}).token_id == 9
     assert resolve_fork(parent, {"at": 4, "voice": "Doubt"}).voice == "Doubt"
+    # An OpenAI-compatible server reports no ids: its alternative is forced as text.
+    no_ids = Trace(tokens=toks(PARENT, {4: [Alternative("[Pulse]\n", -1.6, None)]}))
+    f = resolve_fork(no_ids, {"at": 4, "alt": "[Pulse]\n"})
+    assert f.text == "[Pulse]\n" and f.token_id is None
     for bad in ({"at": 99, "voice": "Doubt"}, {"at": 4, "alt": "nope"}, {"at": "x"}, {"at": 1}):
         with pytest.raises(WorkbenchError):
             resolve_fork(parent, bad)

@@ -102,6 +102,10 @@ def resolve_fork(parent: Trace, spec: dict[str, Any]) -> Fork:
         for a in parent.tokens[at].top:
             if a.text == alt and a.token_id is not None:
                 return Fork(at=at, token_id=int(a.token_id))
+        for a in parent.tokens[at].top:
+            if a.text == alt and a.token_id is None and alt:
+                # A server that reports no token ids (openai): the alternative is forced as text.
+                return Fork(at=at, text=a.bytes.decode("utf-8", "replace") if a.bytes else alt)
         raise WorkbenchError(f"no recorded alternative {alt[:40]!r} at token {at}")
     try:
         return Fork.from_dict({**spec, "at": at})
@@ -118,8 +122,8 @@ def branch_message(
     user: str | None = None,
 ) -> list[int]:
     """Branch reply ``message_id`` at ``fork_dict`` into ``n`` children with the session's
-    llamacpp backend; stores each child (an assistant message and a branch row) and returns
-    their message ids."""
+    backend (llamacpp, transformers or openai); stores each child (an assistant message and a
+    branch row) and returns their message ids."""
     info = _session(wb, sid, user)
     vs = wb.voices_of(info)
     parent, s = parent_trace(wb, info, message_id, vs)
