@@ -235,16 +235,7 @@ def parse_chat(
         sampling=_sampling(b, default_max_tokens),
         alternatives=max(alternatives, want or 0),
     )
-    return ApiRequest(
-        chat=True,
-        request=request,
-        stream=bool(b.get("stream", False)),
-        include_usage=_include_usage(b),
-        logprobs=want,
-        steer=_steer(b.get("thoughtform"), voices),
-        model=b.get("model") if isinstance(b.get("model"), str) else None,
-        messages=sent,
-    )
+    return _api_request(b, True, request, want, voices, sent)
 
 
 def parse_completion(
@@ -268,15 +259,27 @@ def parse_completion(
         sampling=_sampling(b, default_max_tokens),
         alternatives=max(alternatives, want or 0),
     )
+    return _api_request(b, False, request, want, voices, [("user", prompt)])
+
+
+def _api_request(
+    b: Mapping[str, Any],
+    chat: bool,
+    request: GenerationRequest,
+    want: int | None,
+    voices: VoiceSet,
+    messages: list[tuple[str, str]],
+) -> ApiRequest:
+    """The fields both endpoints read the same way (stream, usage, steering, model)."""
     return ApiRequest(
-        chat=False,
+        chat=chat,
         request=request,
         stream=bool(b.get("stream", False)),
         include_usage=_include_usage(b),
         logprobs=want,
         steer=_steer(b.get("thoughtform"), voices),
         model=b.get("model") if isinstance(b.get("model"), str) else None,
-        messages=[("user", prompt)],
+        messages=messages,
     )
 
 
