@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,3 +74,22 @@ def test_a_voice_opens_at_the_fork(backend: Any, parent: Trace) -> None:
     forced = [t for t in kid.tokens[at:] if t.forced]
     assert "[Doubt]" in "".join(t.text for t in forced)
     assert "Doubt" in [s.voice for s in kid.segments if s.text.strip()]
+
+
+def test_cli_branch_on_transformers(parent: Trace, tmp_path: Path) -> None:
+    from thoughtform.cli import main
+    from thoughtform.trace import load_trace
+
+    src = tmp_path / "parent.jsonl"
+    parent.save(src)
+    at = 5
+    alt = parent.tokens[at].top[1].token_id
+    out = tmp_path / "kids"
+    args = ["branch", str(src), "--at", str(at), "--token-id", str(alt), "--n", "2"]
+    args += ["--seed", "1", "--max-tokens", "4", "--backend", "transformers", "--out", str(out)]
+    assert main(args) == 0
+    kids = [load_trace(p) for p in sorted(out.glob("branch-*.jsonl"))]
+    assert len(kids) == 2
+    for k in kids:
+        assert [t.token_id for t in k.tokens[:at]] == [t.token_id for t in parent.tokens[:at]]
+        assert k.tokens[at].token_id == alt and k.tokens[at].forced
