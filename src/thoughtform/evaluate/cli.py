@@ -8,24 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cliparse import OneLineParser
 from .adherence import MAX_NEW_TOKENS
 
 PROG = "thoughtform eval"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one line and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """Print ``PROG: error: ...`` and exit 2."""
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``thoughtform eval`` argument parser (one subcommand: ``adherence``)."""
-    p = _Parser(prog=PROG, description="Evaluate voiced generation.")
-    sub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    p = OneLineParser(prog=PROG, description="Evaluate voiced generation.")
+    sub = p.add_subparsers(dest="what", required=True, parser_class=OneLineParser)
     a = sub.add_parser(
         "adherence",
         help="form, character and originality of replies: plain model vs. voices adapter",

@@ -6,21 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cliparse import OneLineParser
 from .lora import DEFAULT_TARGETS, TrainConfig
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one line and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """Print ``thoughtform train: error: ...`` and exit 2."""
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``thoughtform train`` argument parser."""
-    p = _Parser(
+    p = OneLineParser(
         prog="thoughtform train",
         description="LoRA-tune a model on voiced chat data (loss on assistant replies only); "
         "writes DIR/adapter (peft), DIR/adapter.gguf (llama.cpp) and DIR/training.json.",

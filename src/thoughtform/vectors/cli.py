@@ -6,24 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cliparse import OneLineParser
+
 PROG = "thoughtform vectors"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one line and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """Print ``thoughtform vectors: error: ...`` and exit 2."""
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``thoughtform vectors`` argument parser."""
     from .train import DEFAULT_HOLDOUT, DEFAULT_MAX_EXAMPLES, DEFAULT_METHOD, METHODS
 
-    ap = _Parser(prog=PROG, description="Voice vectors: train, inspect and find them.")
-    sub = ap.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ap = OneLineParser(prog=PROG, description="Voice vectors: train, inspect and find them.")
+    sub = ap.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser(
         "train",
