@@ -130,3 +130,24 @@ def test_cli_branch_on_the_openai_backend(
     assert json.loads(capsys.readouterr().out)["fork"] == 6
     code = main([*args, "--chat-template", str(tmp_path / "none.jinja"), "--out", str(out)])
     assert code == 2
+
+
+def test_a_raw_prompt_branch_re_sends_the_text_exactly(backend: OpenAIBackend) -> None:
+    from thoughtform.backends.base import FinishEvent, GenerationRequest, Sampling, TokenEvent
+
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=8, seed=1)
+    prompt, before, forced = "The lighthouse keeper", " climbed the stairs", " and"
+    req = GenerationRequest(
+        prompt=prompt, sampling=greedy, prefix_text=before, forced_text=forced, alternatives=2
+    )
+    evs = list(backend.stream(req))
+    assert isinstance(evs[-1], FinishEvent) and evs[-1].reason in ("stop", "length")
+    toks = [e for e in evs if isinstance(e, TokenEvent)]
+    assert toks[0].forced and toks[0].text == forced
+    assert not any(t.forced for t in toks[1:]) and len(toks) == 8  # the forced one counts
+    # The continuation is the server's own greedy completion of prompt + prefix + forced.
+    plain = GenerationRequest(
+        prompt=prompt + before + forced, sampling=dataclasses.replace(greedy, max_tokens=7)
+    )
+    ref = [e.text for e in backend.stream(plain) if isinstance(e, TokenEvent)]
+    assert "".join(t.text for t in toks[1:]) == "".join(ref)

@@ -1427,6 +1427,8 @@ class _Steer:
                 self.reply = self.req.prefix_text
                 if self.req.forced_text:
                     yield self._emit(forced_event(self.req.forced_text), sampled=False)
+                    # The conductor has read it by now: a forced marker opened its voice.
+                    self.voice = cond.voice
             nv = cond.next_voice
             if nv is not None and nv not in cond.muted:
                 if not self._can_continue():
