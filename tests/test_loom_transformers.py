@@ -84,12 +84,11 @@ def test_cli_branch_on_transformers(parent: Trace, tmp_path: Path) -> None:
     parent.save(src)
     at = 5
     alt = parent.tokens[at].top[1].token_id
-    out = tmp_path / "kids"
-    args = ["branch", str(src), "--at", str(at), "--token-id", str(alt), "--n", "2"]
-    args += ["--seed", "1", "--max-tokens", "4", "--backend", "transformers", "--out", str(out)]
+    out = tmp_path / "kid.jsonl"
+    args = ["branch", str(src), "--at", str(at), "--token-id", str(alt), "--seed", "1"]
+    args += ["--max-tokens", "4", "--backend", "transformers", "--out", str(out)]
     assert main(args) == 0
-    kids = [load_trace(p) for p in sorted(out.glob("branch-*.jsonl"))]
-    assert len(kids) == 2
-    for k in kids:
-        assert [t.token_id for t in k.tokens[:at]] == [t.token_id for t in parent.tokens[:at]]
-        assert k.tokens[at].token_id == alt and k.tokens[at].forced
+    k = load_trace(out)
+    assert [t.token_id for t in k.tokens[:at]] == [t.token_id for t in parent.tokens[:at]]
+    assert k.tokens[at].token_id == alt and k.tokens[at].forced
+    assert k.meta["branch"]["prefix"] == "ids"
