@@ -352,7 +352,12 @@ def branch(
                 starts_in=starts_in,
                 meta=meta,
             )
-            out.append(gen.run())
+            kid = gen.run()
+            end = kid.finish or {}
+            if end.get("reason") == "error" and len(kid.tokens) <= fork.at:
+                # Nothing past the fork: the backend refused (e.g. no way to continue a chat).
+                raise LoomError(f"the branch failed: {end.get('message') or 'backend error'}")
+            out.append(kid)
         return out
     import time
 
