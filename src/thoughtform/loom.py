@@ -291,8 +291,10 @@ def branch(
     """``n`` branches of ``parent`` from ``fork`` (child ``i`` sampled with ``seed + i``).
 
     Each child trace holds the parent's prefix tokens (same ids, same telemetry), the forced
-    tokens (marked forced) and its own continuation, parsed into voices like any reply; its
-    metadata says where it came from (``branch``: parent, fork, seed)."""
+    tokens (marked forced; one token of text on a ``"text"`` backend) and its own continuation,
+    parsed into voices like any reply; its metadata says where it came from (``branch``: parent,
+    fork, seed, ``prefix`` "ids" or "text", ``exact_ids``). Children are sampled in one batch
+    where the backend has ``sample_children``, else one after another."""
     if not 1 <= n <= MAX_CHILDREN:
         raise LoomError(f"between 1 and {MAX_CHILDREN} children, not {n}")
     vs = trace_voice_set(parent, voices)
