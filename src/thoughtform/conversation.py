@@ -11,7 +11,7 @@ from typing import Any
 from .backends.base import BackendError, GenerationRequest, Message, Sampling
 from .models import EMBEDDED_NAMES, EMBEDDED_VOICES, MODEL_CHOICES
 from .steer import SteerError, SteerPlan, Structure, parse_order, parse_voice_sampling
-from .voices import VoiceSet
+from .voices import Voice, VoiceSet
 
 # Characters of history kept for the model (most recent turns first): small models, small
 # contexts. One budget for every caller (the CLI and the workbench used different ones).
@@ -27,6 +27,7 @@ __all__ = [
     "build_request",
     "check_model",
     "steer_plan",
+    "voice_settings",
 ]
 
 
@@ -38,6 +39,7 @@ class ChatSettings:
     model: str | None = DEFAULT_MODEL
     base_url: str | None = None
     api_key: str | None = None
+    adapter: str | None = None  # llamacpp: a LoRA adapter (GGUF) over the model
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 0
@@ -121,9 +123,42 @@ def backend_options(settings: ChatSettings) -> dict[str, Any]:
         if not settings.model or settings.model in MODEL_CHOICES:
             raise BackendError("the replay backend needs a recording (a trace JSONL or transcript)")
         return {"path": settings.model}
+    if settings.adapter and name != "llamacpp":
+        raise BackendError(f"only the llamacpp backend takes a LoRA adapter, not {name}")
+    if name == "llamacpp" and settings.adapter:
+        return {"model": check_model(name, settings.model), "lora_path": settings.adapter}
     if name in ("llamacpp", "transformers"):
         return {"model": check_model(name, settings.model)}
     return {"model": settings.model} if settings.model else {}
+
+
+def voice_settings(settings: ChatSettings, voice: Voice) -> ChatSettings:
+    """The settings ``voice`` speaks with: ``settings`` with the voice's own binding over them
+    (voice-set ``backend`` / ``model`` / ``base_url`` / ``adapter``). On the same backend the
+    fields the voice leaves out are the shared ones; on another backend they are that backend's
+    defaults (the embedded voices model on llamacpp / transformers, the environment's
+    ``THOUGHTFORM_BASE_URL`` / ``THOUGHTFORM_API_KEY`` on openai)."""
+    if voice.backend is None:
+        return settings
+    if voice.backend == settings.backend:
+        return replace(
+            settings,
+            model=voice.model or settings.model,
+            base_url=voice.base_url or settings.base_url,
+            adapter=voice.adapter or settings.adapter,
+        )
+    model = voice.model
+    if model is None and voice.backend in ("llamacpp", "transformers"):
+        model = DEFAULT_MODEL
+    return replace(
+        settings,
+        backend=voice.backend,
+        model=model,
+        base_url=voice.base_url,
+        api_key=None,
+        adapter=voice.adapter,
+        server="auto",
+    )
 
 
 def build_messages(

@@ -24,6 +24,10 @@ Policies (:data:`POLICIES`):
   argmax, ``model_choice="argmax"``).
 * ``manual``: the user picks each turn (a ``chooser`` callback; None stops the council).
 
+Each member speaks through the shared backend unless its voice names one of its own (voice-set
+fields ``backend`` / ``model`` / ``base_url`` / ``adapter``): :func:`member_backends` opens one
+backend per distinct binding, and every turn records the backend and model it ran on.
+
 Muted members never speak; :meth:`Council.force_next` makes a member speak next whatever the
 policy; :meth:`Council.say` lets the user speak as themself or as any voice (their text becomes
 that voice's turn).
@@ -54,7 +58,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .backends.base import Backend, GenerationRequest, Message, Sampling
+from .backends.base import Backend, BackendError, GenerationRequest, Message, Sampling
+from .conversation import ChatSettings, voice_settings
 from .generate import Generation
 from .parse import Event, Text, VoiceEnd, VoiceStart
 from .steer import SteerPlan, Structure
@@ -72,6 +77,7 @@ __all__ = [
     "continuation_scorer",
     "history_messages",
     "marker_leaks",
+    "member_backends",
     "next_speaker_context",
     "persona_prompt",
     "renormalise",
@@ -479,6 +485,47 @@ class TurnCutter:
 
 
 Chooser = Callable[["Council", list[str]], "str | None"]
+# Opens the backend for a member's settings; whoever passes it owns (and closes) what it opens.
+Opener = Callable[[ChatSettings], Backend]
+
+
+def _binding_key(s: ChatSettings) -> tuple[str, str | None, str | None, str | None]:
+    return (s.backend, (s.model or "").strip() or None, s.base_url or None, s.adapter or None)
+
+
+def member_backends(
+    voices: VoiceSet,
+    members: Iterable[str],
+    settings: ChatSettings,
+    open_backend: Opener,
+    default: Backend | None = None,
+) -> dict[str, Backend]:
+    """The backend of each member whose voice names its own (voice-set ``backend:``, see
+    :func:`thoughtform.conversation.voice_settings`): ``open_backend`` is called once per
+    distinct binding; a binding that comes out the same as ``settings`` gets ``default``.
+    Members without a binding are left out: they speak through the shared backend. A binding
+    that cannot be opened raises CouncilError naming the voice (what was opened before it
+    stays with the caller, who owns it)."""
+    out: dict[str, Backend] = {}
+    opened: dict[tuple[str, str | None, str | None, str | None], Backend] = {}
+    shared = _binding_key(settings)
+    for m in members:
+        v = voices.get(m)
+        if v is None or v.backend is None:
+            continue
+        s = voice_settings(settings, v)
+        key = _binding_key(s)
+        if key == shared and default is not None:
+            out[v.name] = default
+            continue
+        if key not in opened:
+            try:
+                opened[key] = open_backend(s)
+            except (BackendError, ValueError, OSError) as e:
+                line = " ".join(str(e).split())[:300]
+                raise CouncilError(f"voice {v.name} (backend: {v.backend}): {line}") from None
+        out[v.name] = opened[key]
+    return out
 
 
 class Council:
@@ -496,6 +543,8 @@ class Council:
         policy: str = "round-robin",
         *,
         backends: Mapping[str, Backend] | None = None,
+        settings: ChatSettings | None = None,
+        open_backend: Opener | None = None,
         sampling: Sampling | None = None,
         seed: int | None = None,
         muted: Iterable[str] = (),
@@ -522,6 +571,14 @@ class Council:
         self.backends: dict[str, Backend] = {
             self._canon(k, "backend for"): v for k, v in (backends or {}).items()
         }
+        if open_backend is not None:
+            # The voice set's own bindings, for members not given a backend explicitly.
+            free = [m for m in self.members if m not in self.backends]
+            self.backends.update(
+                member_backends(
+                    self.voices, free, settings or ChatSettings(), open_backend, backend
+                )
+            )
         missing = [m for m in self.members if m not in self.backends]
         if backend is None and missing:
             raise CouncilError(f"no backend for {', '.join(missing)}")
@@ -560,6 +617,15 @@ class Council:
                 "voice_set": self.voices.to_dict(),
                 "backend": getattr(backend, "name", None),
                 "model": getattr(backend, "model_name", None),
+                # members on a backend of their own (the voice set's bindings)
+                "member_backends": {
+                    m: {
+                        "backend": getattr(b, "name", None),
+                        "model": getattr(b, "model_name", None),
+                    }
+                    for m, b in self.backends.items()
+                    if b is not backend
+                },
                 "sampling": dataclasses.asdict(self.sampling),
                 **dict(meta or {}),
             }

@@ -246,6 +246,16 @@ def cmd_council(args: argparse.Namespace) -> int:
             f"--counterfactual: backend {args.backend!r} cannot score text (use llamacpp or "
             "transformers)"
         )
+    owned: list[Any] = []  # the members' own backends (voice-set bindings), closed below
+
+    def open_backend(s: ChatSettings) -> Any:
+        o = backend_options(s)
+        if s.backend == "replay":
+            o["rate"] = args.rate
+        b = create_backend(s.backend, **o)
+        owned.append(b)
+        return b
+
     try:
         try:
             council = Council(
@@ -267,14 +277,22 @@ def cmd_council(args: argparse.Namespace) -> int:
                 chooser=_manual_chooser(sys.stdin, console) if args.policy == "manual" else None,
                 system=args.system,
                 trace_path=args.trace,
+                settings=settings,
+                open_backend=open_backend,
             )
         except CouncilError as e:
             raise UserError(str(e)) from None
         except OSError as e:
             raise UserError(f"{args.trace}: cannot write: {e.strerror}") from None
+        for m in council.members:
+            b = council.backend_for(m)
+            if b is not backend:
+                where = f"{getattr(b, 'name', '?')} · {getattr(b, 'model_name', None) or 'default'}"
+                console.print(Text(f"{m} speaks through {where}", "dim"))
         return _run(council, args, console)
     finally:
-        backend.close()
+        for b in [backend, *owned]:
+            b.close()
 
 
 def _run(council: Council, args: argparse.Namespace, console: Console) -> int:

@@ -86,6 +86,12 @@ class Voice:
     temperature: float | None = None
     top_p: float | None = None
     vector: float | None = None  # strength of this voice's steering vector (thoughtform.vectors)
+    # Where this voice speaks in a council (thoughtform.council): its own backend, model, server
+    # and LoRA adapter, named as ChatSettings names them; None: the council's shared backend.
+    backend: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    adapter: str | None = None
 
     @property
     def open_marker(self) -> str:
@@ -115,7 +121,15 @@ class Voice:
             out["top_p"] = self.top_p
         if self.vector is not None:
             out["vector"] = self.vector
+        for key in BINDING_KEYS:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
+
+    @property
+    def bound(self) -> bool:
+        """Whether this voice names a backend of its own (``backend:``)."""
+        return self.backend is not None
 
 
 @dataclass(frozen=True)
@@ -271,11 +285,64 @@ _VOICE_KEYS = {
     "temperature",
     "top_p",
     "vector",
+    "backend",
+    "model",
+    "base_url",
+    "adapter",
 }
+# A voice's own model binding (see Voice); the backends it may name are the built-in ones.
+BINDING_KEYS = ("backend", "model", "base_url", "adapter")
+BINDING_BACKENDS = ("llamacpp", "openai", "transformers", "replay")
 # Voice-vector strengths: 1 shifts the residual stream by about one voice contrast, and past
 # a few the text stops being language; the workbench's sliders span -2..2.
 VECTOR_MIN, VECTOR_MAX = -4.0, 4.0
 _SET_KEYS = {"name", "description", "unknown", "default_voice", "voices", "syntax"}
+
+
+def _binding(src: str, where: str, rv: Mapping[str, Any]) -> dict[str, str | None]:
+    """A voice's ``backend`` / ``model`` / ``base_url`` / ``adapter``, checked for form only:
+    files and servers are checked when a council opens the backend (a set stays loadable on a
+    machine without them)."""
+    out: dict[str, str | None] = {}
+    for key in BINDING_KEYS:
+        value = _str(src, f"{where}.{key}", rv.get(key)).strip()
+        out[key] = value or None
+    backend = out["backend"]
+    if backend is None:
+        for key in BINDING_KEYS[1:]:
+            if out[key] is not None:
+                raise _err(
+                    src,
+                    f"{where}.{key}",
+                    "needs backend: (one of " + ", ".join(BINDING_BACKENDS) + ")",
+                )
+        return out
+    if backend not in BINDING_BACKENDS:
+        raise _err(
+            src,
+            f"{where}.backend",
+            f"must be one of {', '.join(BINDING_BACKENDS)}, got {backend[:40]!r}",
+        )
+    if out["base_url"] is not None:
+        if backend != "openai":
+            raise _err(
+                src, f"{where}.base_url", f"only the openai backend takes a base_url, not {backend}"
+            )
+        if not re.fullmatch(r"https?://\S+", out["base_url"] or ""):
+            raise _err(
+                src, f"{where}.base_url", f"must be an http(s) URL, got {out['base_url'][:60]!r}"
+            )
+    if out["adapter"] is not None and backend != "llamacpp":
+        raise _err(
+            src,
+            f"{where}.adapter",
+            f"only the llamacpp backend takes a LoRA adapter, not {backend}",
+        )
+    if backend == "replay" and out["model"] is None:
+        raise _err(
+            src, f"{where}.model", "the replay backend needs the recording to play (model: PATH)"
+        )
+    return out
 
 
 def voice_set_from_dict(data: Any, source: str = "<voices>") -> VoiceSet:
@@ -358,6 +425,7 @@ def voice_set_from_dict(data: Any, source: str = "<voices>") -> VoiceSet:
                 vector=_opt_float(
                     source, f"{where}.vector", rv.get("vector"), VECTOR_MIN, VECTOR_MAX
                 ),
+                **_binding(source, where, rv),
             )
         )
     # Fill in missing colours from the palette, skipping those already declared.
@@ -445,6 +513,11 @@ voices:
     temperature: 0.9           # optional sampling overrides used when steering to this voice
     top_p: 0.95
     vector: 0.8                # optional strength of Doubt's voice vector (-4..4; 0 is off)
+    # optional: where Doubt speaks in a council (default: the council's shared model)
+    # backend: openai          # llamacpp | openai | transformers | replay
+    # model: my-model          # a .gguf path, a model directory, the server's model, a recording
+    # base_url: http://127.0.0.1:8080/v1   # openai only
+    # adapter: doubt-lora.gguf # llamacpp only: a LoRA adapter (GGUF)
   - name: think
     syntax: tag                # written as <think>…</think>, anywhere in a line
     description: think reasons step by step before the answer.
@@ -489,6 +562,10 @@ def json_schema() -> dict[str, Any]:
                                     "minimum": VECTOR_MIN,
                                     "maximum": VECTOR_MAX,
                                 },
+                                "backend": {"enum": list(BINDING_BACKENDS)},
+                                "model": {"type": "string"},
+                                "base_url": {"type": "string", "pattern": "^https?://"},
+                                "adapter": {"type": "string"},
                             },
                         },
                     ]
