@@ -129,6 +129,9 @@ class ToyServer:
     # per generation request: the earlier streams whose client had not hung up when it came
     open_at_start: list[list[int]] = field(default_factory=list)
     _live: dict[int, socket.socket] = field(default_factory=dict)
+    # Handlers run on their own threads: one registers its stream while another lists the open
+    # ones ("dictionary changed size during iteration", seen once).
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.model = ToyModel(self.scripts)
@@ -211,10 +214,11 @@ class ToyServer:
         self.stream(h, body, chat=h.path.endswith("chat/completions"))
 
     def stream(self, h: BaseHTTPRequestHandler, body: dict[str, Any], chat: bool) -> None:
-        index = len(self.started)
-        self.started.append(time.monotonic())
-        self.open_at_start.append([i for i, c in self._live.items() if not _gone(c)])
-        self._live[index] = h.connection
+        with self._lock:
+            index = len(self.started)
+            self.started.append(time.monotonic())
+            self.open_at_start.append([i for i, c in self._live.items() if not _gone(c)])
+            self._live[index] = h.connection
         reply = self.reply_of(body)
         banned = frozenset(
             self.model.vocab[int(k)]
@@ -248,7 +252,8 @@ class ToyServer:
         except OSError:  # the client hung up (the steering client does, to cut a reply)
             self.hung_up[index] = time.monotonic()
         finally:
-            self._live.pop(index, None)
+            with self._lock:
+                self._live.pop(index, None)
 
     @staticmethod
     def _send(
