@@ -185,3 +185,25 @@ def test_a_council_runs_each_member_on_its_binding_and_records_it(tmp_path: Path
         load_trace(path), shared, settings=ChatSettings(), open_backend=open_backend
     )
     assert again.backend_for("Doubt") is own[1] and again.backend_for("Echo") is shared
+
+
+def test_cli_bad_bindings_are_one_line_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from thoughtform.cli import main
+
+    sea = Path(__file__).parent / "fixtures" / "council" / "sea.txt"
+    args = ["council", "--backend", "replay", "--model", str(sea), "--prompt", "Hi"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("voices:\n  - name: Echo\n  - name: Doubt\n    backend: olama\n", "utf-8")
+    assert main([*args, "--voices", str(bad), "--members", "Echo,Doubt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}: voices[1].backend: must be one of" in err and "\n" not in err
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        "voices:\n  - name: Echo\n  - name: Doubt\n    backend: replay\n    model: nope.txt\n",
+        "utf-8",
+    )
+    assert main([*args, "--voices", str(missing), "--members", "Echo,Doubt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "voice Doubt (backend: replay): " in err and "nope.txt" in err and "\n" not in err

@@ -288,7 +288,7 @@ def cmd_council(args: argparse.Namespace) -> int:
             b = council.backend_for(m)
             if b is not backend:
                 where = f"{getattr(b, 'name', '?')} · {getattr(b, 'model_name', None) or 'default'}"
-                console.print(Text(f"{m} speaks through {where}", "dim"))
+                console.print(Text(f"{m} speaks through {where}", "dim"), soft_wrap=True)
         return _run(council, args, console)
     finally:
         for b in [backend, *owned]:
