@@ -95,7 +95,8 @@ def test_summarize_saved_replies_pools_files(
     a.write_text(json.dumps(rr("Doubt", 0.0, ["Echo"], 0.1, 10.0, 10).to_dict()) + "\n")
     r1 = rr("Doubt", 1.0, ["Doubt"], 0.3, 11.0, 10)
     r1.prompt = 1
-    b.write_text(json.dumps(r1.to_dict()) + "\n\n")
+    r1.text = "line\u2028separator\x1cfile\x85next"  # model text: not line ends in JSONL
+    b.write_text(json.dumps(r1.to_dict(), ensure_ascii=False) + "\n\n")
     plot = tmp_path / "c.svg"
     argv = ["eval", "vectors", "--summarize", str(a), str(b), "--plot", str(plot), "--json"]
     assert main(argv) == 0

@@ -124,7 +124,7 @@ def _load_for_render(path: str, vs: VoiceSet, starts_in: str | None) -> Any:
             if path == "-":
                 from .trace import parse_trace_lines
 
-                return parse_trace_lines(text.splitlines(), "<stdin>")
+                return parse_trace_lines(text, "<stdin>")  # split on "\n" only
             return load_trace(path)
         except TraceError as e:
             raise UserError(str(e)) from None

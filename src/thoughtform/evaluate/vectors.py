@@ -669,7 +669,9 @@ def _summarize_saved(args: Any, vs: VoiceSet) -> int:
     results: list[RunResult] = []
     for name in args.summarize:
         try:
-            lines = Path(name).read_text(encoding="utf-8").splitlines()
+            # Only "\n" ends a saved line: model text holds U+2028, \x1c and the like, which
+            # str.splitlines() would split inside a record (seen on a real run's Pulse replies).
+            lines = Path(name).read_text(encoding="utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             return _fail(f"{name}: cannot read: {e}")
         for k, line in enumerate(lines, 1):

@@ -216,7 +216,7 @@ def import_file(store: Store, path: str | Path, settings: dict[str, Any]) -> tup
     warnings: list[str] = []
     if is_trace_text(text[:65536]):
         try:
-            trace = parse_trace_lines(text.splitlines(), p.name, errors=warnings)
+            trace = parse_trace_lines(text, p.name, errors=warnings)
         except TraceError as e:
             raise ImportError_(str(e)) from None
         title = trace.meta.get("title") if isinstance(trace.meta.get("title"), str) else name
