@@ -11,6 +11,11 @@ and ordered in a list drawn by the same script (drag, or the up / down buttons, 
 which writes the order into a hidden box the Start button reads. Councils are saved in the sessions
 database (``council_store.py``) after every turn, and export as trace JSONL, Markdown or an HTML
 report.
+
+Members speak through the workbench's backend unless their voice (in the session's voice set, the
+one the Voices tab edits) names its own (``backend`` / ``model`` / ``base_url``): the library's
+:func:`thoughtform.council.member_backends` opens those through the workbench's backend cache
+(:meth:`CouncilService.open_backend`), and the member list says which each member speaks through.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..backends.base import Sampling
+from ..backends.base import Backend, Sampling
+from ..conversation import ChatSettings, voice_settings
 from ..council import DEFAULT_TURN_TOKENS, POLICIES, USER, Council, CouncilError, Turn, transcript
 from ..resonance import (
     ARC_THRESHOLDS,
@@ -114,9 +120,31 @@ class CouncilService:
         """The server's voice set (``serve --voices``): members are chosen from it."""
         return self.wb.default_voices
 
-    def member_choices(self) -> list[str]:
+    def voices_for(self, user: str | None, sid: str | None = None) -> VoiceSet:
+        """The voice set a new council takes its members from: the session's (Voices tab), or
+        the server's when no session is open."""
+        return self.wb.voices_of(self.wb.session_info(sid, user)) if sid else self.voices
+
+    def member_choices(self, vs: VoiceSet | None = None) -> list[str]:
         """The voices a council may have as members (bracket voices, in lane order)."""
-        return [n for n in self.voices.names() if self.voices.voice(n).syntax == "bracket"]
+        vs = vs or self.voices
+        return [n for n in vs.names() if vs.voice(n).syntax == "bracket"]
+
+    def shared_settings(self) -> ChatSettings:
+        """The backend binding members without one of their own share (serve's settings)."""
+        s = self.wb.default_settings()
+        return ChatSettings(
+            backend=s["backend"], model=s.get("model") or None, base_url=s.get("base_url") or None
+        )
+
+    def open_backend(self, cs: ChatSettings) -> Backend:
+        """A member's own backend, through the workbench's cache (created once, closed with the
+        workbench; a replay member's recording is picked inside ``serve --replay DIR``)."""
+        if cs.adapter:
+            raise WorkbenchError("adapter: the workbench has no LoRA adapter setting yet")
+        s = self.wb.default_settings()
+        s.update(backend=cs.backend, model=cs.model or "", base_url=cs.base_url or "")
+        return self.wb.backend_for(s)
 
     def get(self, cid: str | None, user: str | None) -> LiveCouncil:
         """A council of this user, held or loaded from the database."""
@@ -136,9 +164,14 @@ class CouncilService:
         backend = self.wb.backend_for(self.wb.default_settings())
         try:
             council = Council.from_trace(
-                trace, backend, chooser=_no_pick, attention=_has_attention(backend)
+                trace,
+                backend,
+                chooser=_no_pick,
+                attention=_has_attention(backend),
+                settings=self.shared_settings(),
+                open_backend=self.open_backend,
             )
-        except CouncilError as e:
+        except (CouncilError, WorkbenchError) as e:
             raise WorkbenchError(str(e)) from None
         live = LiveCouncil(cid, owner, str(trace.meta.get("title") or "Council"), council)
         live.state = "stopped" if council.turns and council.turns[-1].interrupted else "idle"
@@ -245,18 +278,45 @@ class CouncilService:
         live.measure = measure
         return self.snapshot(live)
 
-    def order_value(self) -> str:
-        """What the member list draws: every voice that may be a member (default members first,
-        in order, ticked), its colour and the backend it would speak through, as JSON."""
-        names = self.member_choices()
-        default = [m for m in DEFAULT_MEMBERS if m in names] or names[:4]
+    def order_value(
+        self,
+        user: str | None = None,
+        sid: str | None = None,
+        live: LiveCouncil | None = None,
+        ticked: Sequence[str] | None = None,
+    ) -> str:
+        """What the member list draws, as JSON: every voice that may be a member, its colour and
+        the backend it speaks through (its own binding, or the shared one). For a council
+        (``live``): its members first, in its order, ticked, and its voice set; else the
+        session's voice set with ``ticked`` (those still in it; default: the default members)
+        first and ticked."""
+        if live is not None:
+            c = live.council
+            vs, on = c.voices, list(c.members)
+        else:
+            vs = self.voices_for(user, sid)
+            names = self.member_choices(vs)
+            on = [m for m in ticked or () if m in names]
+            if not on:
+                on = [m for m in DEFAULT_MEMBERS if m in names] or names[:4]
+        names = self.member_choices(vs)
+        shared = self.shared_settings()
         s = self.wb.default_settings()
-        where = _settings_label(s, self.wb.config.replay)
-        rows = [
-            {"name": n, "color": self.voices.color_of(n), "on": n in default, "backend": where}
-            for n in [*default, *(n for n in names if n not in default)]
-        ]
+        rows = []
+        for n in [*on, *(n for n in names if n not in on)]:
+            if live is not None and n in on:
+                where = _backend_label(live.council.backend_for(n))
+            else:
+                vc = voice_settings(shared, vs.voice(n))
+                bound = {"backend": vc.backend, "model": vc.model or ""}
+                where = _settings_label(bound if vc is not shared else s, self.wb.config.replay)
+            rows.append({"name": n, "color": vs.color_of(n), "on": n in on, "backend": where})
         return json.dumps({"kind": "order", "voices": rows}, ensure_ascii=False)
+
+    def members_value(self, order: str) -> str:
+        """The hidden members box's value for a member list (the ticked names, in order)."""
+        rows = json.loads(order)["voices"]
+        return json.dumps([r["name"] for r in rows if r["on"]], ensure_ascii=False)
 
     def parse_members(self, raw: object) -> list[str]:
         """The members the page sent (a JSON list of names, in order, or "A,B,C")."""
@@ -292,8 +352,10 @@ class CouncilService:
         prompt: str,
         user: str | None,
         measure: str = "echo",
+        sid: str | None = None,
     ) -> Iterator[tuple[str, str]]:
-        """A new council: the prompt is the user's first message; then ``turns`` turns, its
+        """A new council of voices from session ``sid``'s voice set (each on its own binding,
+        if it has one): the prompt is the user's first message; then ``turns`` turns, its
         resonance shown in ``measure``. Yields (snapshot, council id)."""
         owner = self.wb.owner(user)
         if not isinstance(prompt, str) or not prompt.strip():
@@ -308,7 +370,7 @@ class CouncilService:
             raise WorkbenchError(f"unknown measure {measure!r} (choose {', '.join(MEASURES)})")
         try:
             council = Council(
-                self.voices,
+                self.voices_for(user, sid),
                 list(members),
                 backend,
                 policy,
@@ -323,6 +385,8 @@ class CouncilService:
                 alternatives=0,
                 # Attention resonance where the backend can record it (transformers).
                 attention=_has_attention(backend),
+                settings=self.shared_settings(),
+                open_backend=self.open_backend,
             )
         except CouncilError as e:
             raise WorkbenchError(str(e)) from None
@@ -520,9 +584,24 @@ def _settings_label(s: dict[str, Any], replay: str | None = None) -> str:
     return f"{s['backend']} · {model}" if model else f"{s['backend']} · default model"
 
 
+def _page_component(elem_id: str) -> Any | None:
+    """A component already laid out on the page being built, by its ``elem_id`` (None when
+    there is none): how the tab reads the sidebar's session without app.py passing it."""
+    root = gr.context.Context.root_block
+    for b in getattr(root, "blocks", {}).values():
+        if getattr(b, "elem_id", None) == elem_id:
+            return b
+    return None
+
+
 def _no_pick(council: Council, eligible: list[str]) -> str | None:
     """Manual councils in the workbench: nobody speaks until the user picks (Speak next)."""
     return None
+
+
+def _sid(value: object) -> str | None:
+    """The session id the sidebar's dropdown holds (None when it holds none)."""
+    return value if isinstance(value, str) and value else None
 
 
 def _title(prompt: str, limit: int = 60) -> str:
@@ -557,7 +636,11 @@ def council_tab(
         except WorkbenchError as e:
             raise fail(e) from None
 
-    with gr.Tab("Council", id="council-tab"):
+    # The sidebar's session dropdown (its value is the session id): the session's voice set
+    # gives the members and their bindings. Without a sidebar (a bare page): the server's set.
+    session = _page_component("session")
+
+    with gr.Tab("Council", id="council-tab") as c_tab:
         head = f"<style>{asset(STYLE)}</style><script>{asset(SCRIPT)}</script>"
         board = gr.HTML(
             value=svc.snapshot(None),
@@ -570,12 +653,12 @@ def council_tab(
         cid = gr.State(None)
         with gr.Row(equal_height=True):
             with gr.Column(scale=4, min_width=280):
-                gr.HTML(
+                c_order = gr.HTML(
                     value=svc.order_value(),
                     html_template='<div class="tf-c-order" id="tf-council-order"></div>',
                     # The script comes with the board's head: wait for it if this mounts first.
                     js_on_load="(function go() { var c = window.thoughtformCouncil; "
-                    "if (c) c.order(element, props); else setTimeout(go, 50); })();",
+                    "if (c) c.order(element, props, watch); else setTimeout(go, 50); })();",
                     elem_id="council-order",
                     apply_default_css=False,
                 )
@@ -641,6 +724,7 @@ def council_tab(
         tokens: float,
         text: str,
         measure: str,
+        sid: str | None,
         request: gr.Request,
     ) -> Iterator[tuple[Any, Any, Any]]:
         user = user_of(request)
@@ -648,7 +732,9 @@ def council_tab(
         with shown():
             names = svc.parse_members(ms)
         for pl, c in run(
-            svc.start(names, policy, int(turns or 8), int(tokens or 0), text, user, measure)
+            svc.start(
+                names, policy, int(turns or 8), int(tokens or 0), text, user, measure, _sid(sid)
+            )
         ):
             yield pl, c, ("" if first else gr.skip())
             first = False
@@ -690,9 +776,35 @@ def council_tab(
         with shown():
             return gr.update(choices=svc.choices(user_of(request)), value=c)
 
-    def on_open(c: str | None, measure: str, request: gr.Request) -> tuple[str, str | None]:
+    def member_updates(order: str, muted: Sequence[str] | None = None) -> list[Any]:
+        """The member list, its hidden box, and the pickers that name members (``muted``: the
+        Muted boxes too, for an opened council)."""
+        names = [r["name"] for r in json.loads(order)["voices"]]
+        mute = {} if muted is None else {"value": [m for m in muted if m in names]}
+        return [
+            order,
+            svc.members_value(order),
+            gr.update(choices=["yourself", *names]),
+            gr.update(choices=names),
+            gr.update(choices=names, **mute),
+        ]
+
+    def on_open(c: str | None, measure: str, request: gr.Request) -> list[Any]:
+        user = user_of(request)
         with shown():
-            return svc.set_measure(c, measure, user_of(request)), c
+            snap = svc.set_measure(c, measure, user)
+            live = svc.get(c, user)
+            order = svc.order_value(live=live)
+        # The member list shows this council's members, in its order (what Start would use).
+        return [snap, c, *member_updates(order, sorted(live.council.muted))]
+
+    def on_members(sid: str | None, ms: str, request: gr.Request) -> list[Any]:
+        try:  # keep what the list has ticked, in its order
+            ticked = svc.parse_members(ms)
+        except WorkbenchError:
+            ticked = []
+        with shown():
+            return member_updates(svc.order_value(user_of(request), _sid(sid), ticked=ticked))
 
     def on_export(c: str | None, kind: str, request: gr.Request) -> str:
         with shown():
@@ -705,9 +817,10 @@ def council_tab(
             "concurrency_id": "council",
             "concurrency_limit": 4,
         }
+        sid_in = session if session is not None else gr.State(None)
         started = c_start.click(
             on_start,
-            [c_members, c_policy, c_turns, c_tokens, c_text, c_measure],
+            [c_members, c_policy, c_turns, c_tokens, c_text, c_measure, sid_in],
             [board, cid, c_text],
             **loop,
         )
@@ -722,7 +835,12 @@ def council_tab(
         c_say.click(on_say, [cid, c_as, c_text], [board, c_text], **now)
         c_text.submit(on_say, [cid, c_as, c_text], [board, c_text], **now)
         c_saved.focus(on_saved, cid, c_saved, show_progress="hidden")
-        c_open.click(on_open, [c_saved, c_measure], [board, cid], **now)
+        pickers = [c_order, c_members, c_as, c_next, c_mute]
+        c_open.click(on_open, [c_saved, c_measure], [board, cid, *pickers], **now)
+        # The session's voice set (and its bindings) when the tab is shown or the session changes.
+        c_tab.select(on_members, [sid_in, c_members], pickers, **now)
+        if session is not None:
+            session.change(on_members, [session, c_members], pickers, **now)
         c_export.click(on_export, [cid, c_kind], c_file)
         return svc
 

@@ -589,11 +589,17 @@
 
   window.thoughtformCouncil = {
     orders: [],
-    order: function (element, props) {
+    order: function (element, props, watch) {
       var host = element.querySelector(".tf-c-order") || element;
       var o = new Order(host);
       window.thoughtformCouncil.orders.push(o);
       if (props && props.value) o.load(props.value);
+      // Redrawn when the server sends a new list (an opened council, another voice set).
+      if (watch) {
+        watch("value", function () {
+          o.load(props.value);
+        });
+      }
       return o;
     },
     instances: [],
