@@ -780,7 +780,7 @@ def council_tab(
         """The member list, its hidden box, and the pickers that name members (``muted``: the
         Muted boxes too, for an opened council)."""
         names = [r["name"] for r in json.loads(order)["voices"]]
-        mute = {} if muted is None else {"value": [m for m in muted if m in names]}
+        mute: dict[str, Any] = {} if muted is None else {"value": [m for m in muted if m in names]}
         return [
             order,
             svc.members_value(order),
