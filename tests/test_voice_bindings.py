@@ -50,6 +50,10 @@ def test_bindings_load_dump_and_round_trip(tmp_path: Path) -> None:
     )
     assert (pulse.backend, pulse.model, pulse.adapter) == ("llamacpp", None, "pulse-lora.gguf")
     assert shift.bound and shift.model == "shift.txt"
+    assert echo.binding == {} and pulse.binding == {
+        "backend": "llamacpp",
+        "adapter": "pulse-lora.gguf",
+    }
     d = vs.to_dict()["voices"]
     assert "backend" not in d[0]
     assert d[1]["backend"] == "openai" and d[1]["base_url"] == "http://127.0.0.1:9/v1"

@@ -121,15 +121,18 @@ class Voice:
             out["top_p"] = self.top_p
         if self.vector is not None:
             out["vector"] = self.vector
-        for key in BINDING_KEYS:
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
+        out.update(self.binding)
         return out
 
     @property
     def bound(self) -> bool:
         """Whether this voice names a backend of its own (``backend:``)."""
         return self.backend is not None
+
+    @property
+    def binding(self) -> dict[str, str]:
+        """This voice's own backend fields that are set (what an editor keeps for it)."""
+        return {k: v for k in BINDING_KEYS if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
