@@ -132,7 +132,9 @@ def test_member_backends_open_one_backend_per_distinct_binding() -> None:
 
     def open_backend(s: ChatSettings) -> Backend:
         opened.append(s)
-        return ScriptedBackend(as_speaker(f"from {s.model}"), name=s.backend, model_name=s.model)
+        return ScriptedBackend(
+            as_speaker(f"from {s.model}"), name=s.backend, model_name=s.model or ""
+        )
 
     got = member_backends(
         vs, ["Echo", "Doubt", "Pulse", "Shift", "Role"], shared_settings, open_backend, shared
