@@ -81,12 +81,17 @@ def test_bad_bindings_name_the_file_and_field(
     tmp_path: Path, voice: str, field: str, problem: str
 ) -> None:
     p = tmp_path / "bad.yaml"
-    p.write_text(f"voices:\n  - name: Echo\n  - name: Doubt\n    {voice}\n", encoding="utf-8")
+    text = f"voices:\n  - name: Echo\n  - name: Doubt\n    {voice}\n"
+    p.write_text(text, encoding="utf-8")
     with pytest.raises(VoiceSetError) as e:
         load_voice_set(p)
     msg = str(e.value)
     assert msg.startswith(f"{p}: {field}: ") and problem in msg
     assert "\n" not in msg
+    # The field's line (or, for a field left out, the voice's own).
+    key = field.rsplit(".", 1)[1] + ":"
+    lines = [i + 1 for i, x in enumerate(text.splitlines()) if x.strip().startswith(key)]
+    assert msg.endswith(f" (line {lines[0] if lines else 3})")
 
 
 def test_voice_settings_overlay_the_shared_settings() -> None:

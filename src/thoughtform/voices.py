@@ -474,7 +474,46 @@ def load_voice_set(path: str | Path) -> VoiceSet:
         line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise VoiceSetError(f"{p}: {line}invalid YAML: {problem}") from None
-    return voice_set_from_dict(data, str(p))
+    try:
+        return voice_set_from_dict(data, str(p))
+    except VoiceSetError as e:
+        # The field's line in the file, so an editor can jump to it: "(line N)" at the end.
+        head = f"{p}: "
+        msg = str(e)
+        fld = msg[len(head) :].split(": ", 1)[0] if msg.startswith(head) else ""
+        at = _field_line(text, fld)
+        if at is None:
+            raise
+        raise VoiceSetError(f"{msg} (line {at})") from None
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _field_line(text: str, fld: str) -> int | None:
+    """The 1-based line of field ``fld`` (``voices[1].backend``) in YAML ``text``: the deepest
+    part of the path that is there (None when the text has no mapping at the top)."""
+    try:
+        node: Any = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    line = None
+    for key, index in _PATH_PART.findall(fld):
+        if index and isinstance(node, yaml.SequenceNode) and int(index) < len(node.value):
+            node = node.value[int(index)]
+        elif key and isinstance(node, yaml.MappingNode):
+            hit = [(k, v) for k, v in node.value if getattr(k, "value", None) == key]
+            if not hit:
+                break
+            line = hit[0][0].start_mark.line + 1
+            node = hit[0][1]
+            continue
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
 
 
 def resolve_voice_set(spec: str | Path | VoiceSet | None) -> VoiceSet:
