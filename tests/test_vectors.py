@@ -302,3 +302,38 @@ def test_cli_help_is_delegated() -> None:
         check=False,
     )
     assert r.returncode == 0 and "--method" in r.stdout and "--layers" in r.stdout
+
+
+def test_cli_strengths_sets_shipped_defaults_byte_for_byte(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import shutil
+
+    src = seed_vectors_dir()
+    assert src is not None
+    d = tmp_path / "seed"
+    shutil.copytree(src, d)
+    before = (d / "vectors.json").read_bytes()
+    # Setting the strengths a set already has rewrites nothing: rebuilds stay byte-identical.
+    current = json.loads(before)["default_strengths"]
+    assert main(["vectors", "strengths", str(d), *(f"{k}={v}" for k, v in current.items())]) == 0
+    assert (d / "vectors.json").read_bytes() == before
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"default_strength": {"Doubt": 0.5, "pulse": 1.5}}))
+    assert main(["vectors", "strengths", str(d), "Echo=-2", "--from-eval", str(ev)]) == 0
+    capsys.readouterr()
+    vset = load_vector_set(d)
+    assert (vset.default_strength("Doubt"), vset.default_strength("Pulse")) == (0.5, 1.5)
+    assert vset.default_strength("Echo") == -2.0 and vset.default_strength("Shift") == 1.0
+    for bad, msg in [
+        (["Nobody=1"], "Nobody: no vector for this voice"),
+        (["Doubt=9"], "Doubt: strength 9.0 is not a number in -4..4"),
+        (["Doubt=nan"], "is not a number in -4..4"),
+        (["Doubt"], "Doubt: VOICE=STRENGTH is required"),
+        ([], "give VOICE=S pairs or --from-eval FILE"),
+        (["--from-eval", str(tmp_path / "none.json")], "none.json: cannot read"),
+    ]:
+        assert main(["vectors", "strengths", str(d), *bad]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert load_vector_set(d).default_strength("Doubt") == 0.5  # a refused call changed nothing

@@ -1,4 +1,4 @@
-"""``thoughtform vectors train|path|list|show``: voice vectors from the command line."""
+"""``thoughtform vectors train|path|list|show|strengths``: voice vectors from the command line."""
 
 from __future__ import annotations
 
@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="voices, layers and held-out accuracy of a vector set")
     p.add_argument("set", help="shipped set name or directory")
+
+    p = sub.add_parser(
+        "strengths",
+        help="set the default strengths a vector set ships with (vectors.json)",
+        description="Write default strengths into DIR/vectors.json: VOICE=S pairs, or the "
+        "defaults `thoughtform eval vectors --json` picked (--from-eval FILE).",
+    )
+    p.add_argument("set", help="vector directory (or shipped set name)")
+    p.add_argument("pairs", nargs="*", help="VOICE=STRENGTH, strength in -4..4")
+    p.add_argument("--from-eval", help="an `eval vectors --json` output: its default_strength")
     return ap
 
 
@@ -137,6 +147,25 @@ def _show(spec: str) -> int:
     return 0
 
 
+def _strengths(args: argparse.Namespace) -> int:
+    from .sets import set_default_strengths, strengths_from_eval
+
+    want: dict[str, float] = strengths_from_eval(args.from_eval) if args.from_eval else {}
+    for pair in args.pairs:
+        voice, eq, val = pair.partition("=")
+        try:
+            want[voice.strip()] = float(val)
+        except ValueError:
+            return _fail(f"{pair}: VOICE=STRENGTH is required")
+        if not eq or not voice.strip():
+            return _fail(f"{pair}: VOICE=STRENGTH is required")
+    if not want:
+        return _fail("strengths: give VOICE=S pairs or --from-eval FILE")
+    got = set_default_strengths(args.set, want)
+    print("  ".join(f"{k} {v:g}" for k, v in got.items()))
+    return 0
+
+
 def cli_vectors(argv: list[str]) -> int:
     """Run ``thoughtform vectors`` with ``argv``; 0 on success, 2 on a user mistake."""
     args = build_parser().parse_args(argv)
@@ -163,6 +192,8 @@ def cli_vectors(argv: list[str]) -> int:
                     f"({vset.meta.get('method', '?')}, layers {lo}-{hi})  {vset.path}"
                 )
             return 0
+        if args.action == "strengths":
+            return _strengths(args)
         return _show(args.set)
     except VectorFileError as e:
         return _fail(str(e))

@@ -109,3 +109,45 @@ def load_vector_set(spec: str | Path) -> VectorSet:
     if not vectors:
         raise VectorFileError(f"{d}: no voice vectors (<Voice>.gguf) in this directory")
     return VectorSet(d, vectors, meta)
+
+
+# What `vectors strengths` accepts (the voice set's `vector:` field allows the same range).
+MAX_STRENGTH = 4.0
+
+
+def set_default_strengths(spec: str | Path, strengths: Mapping[str, float]) -> dict[str, float]:
+    """Write ``strengths`` (voice -> strength) into a vector set's ``vectors.json`` as the
+    defaults it ships with (voices not named keep theirs); returns the defaults now in force.
+
+    The file is rewritten the way training writes it (same key order, ``indent=1``), so a
+    rebuild that trains and then sets the same strengths is byte-identical."""
+    vset = load_vector_set(spec)
+    meta = read_meta(vset.path)
+    if not meta:
+        raise VectorFileError(f"{vset.path}: no {META} to hold default strengths")
+    defaults = dict(meta.get("default_strengths") or {})
+    for voice, s in strengths.items():
+        name = next((k for k in vset.vectors if k.casefold() == voice.casefold()), None)
+        if name is None:
+            raise VectorFileError(
+                f"{voice}: no vector for this voice in {vset.path} (has: {', '.join(vset.vectors)})"
+            )
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not abs(s) <= MAX_STRENGTH:
+            raise VectorFileError(f"{voice}: strength {s!r} is not a number in -4..4")
+        defaults[name] = float(s)
+    meta["default_strengths"] = {k: defaults[k] for k in vset.vectors if k in defaults}
+    (vset.path / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return dict(meta["default_strengths"])
+
+
+def strengths_from_eval(path: str | Path) -> dict[str, float]:
+    """The ``default_strength`` map of an ``eval vectors --json`` result file."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VectorFileError(f"{p}: cannot read: {e}") from None
+    got = data.get("default_strength") if isinstance(data, dict) else None
+    if not isinstance(got, dict) or not got:
+        raise VectorFileError(f"{p}: default_strength: an eval vectors --json object is required")
+    return {str(k): v for k, v in got.items()}
