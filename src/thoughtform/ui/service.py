@@ -44,6 +44,9 @@ WAIT_BEAT_S = 2.0  # a waiting send re-yields this often, so a page that left is
 # Session settings no form edits, kept through saves: set by ``thoughtform proxy``'s recorder.
 KEPT_SETTINGS = ("recorded", "source")
 NEW_TITLE = "New session"  # until the first prompt names the session
+VOICE_VECTORS = (
+    "seed"  # the vector set sessions use: the shipped one, trained on the embedded model
+)
 
 
 def session_title(prompt: str, limit: int = 60) -> str:
@@ -160,6 +163,9 @@ class Workbench:
             "structure": False,
             "muted": [],
             "next_voice": None,
+            # Voice vectors (Voices tab): each voice's vector from the shipped set while it
+            # speaks, at its voice set's ``vector`` strength (llamacpp, transformers).
+            "voice_vectors": False,
         }
 
     def settings_of(self, info: SessionInfo | None) -> dict[str, Any]:
@@ -190,6 +196,7 @@ class Workbench:
         s["attention"] = bool(raw.get("attention", False))
         s["logit_lens"] = bool(raw.get("logit_lens", False))
         s["structure"] = bool(raw.get("structure", False))
+        s["voice_vectors"] = bool(raw.get("voice_vectors", False))
         muted = raw.get("muted") or []
         s["muted"] = (
             [str(m)[:64] for m in muted if isinstance(m, str)][:64]
@@ -477,6 +484,7 @@ class Workbench:
                 next_voice=s.get("next_voice") or None,
                 mute=[m for m in s.get("muted") or () if vs.get(str(m)) is not None],
                 structure=bool(s.get("structure")),
+                voice_vectors=VOICE_VECTORS if s.get("voice_vectors") else None,
             )
         except SteerError as e:
             raise WorkbenchError(str(e)) from None

@@ -88,7 +88,7 @@ class SessionsPanel:
                 tab.to_dict(),
                 gr.update(choices=wb.session_choices(user), value=tab.sid),
                 info.title if info else "",
-                *voices.values(vs),
+                *voices.values(vs, wb.settings_of(info)),
                 *settings_values(wb.settings_of(info)),
                 gr.Timer(active=bool(info and info.settings.get("recorded") is True)),
             ]

@@ -16,8 +16,9 @@ Events are short arrays (the first item says which)::
     ["O", voice, color, marker, token|null]                                a voice block opens
     ["T", text, token|null]                                                text for that block
     ["C", marker]                                                          the block closes
-    ["K", index, text, voice, logprob, entropy, [[alt, logprob], ...], flags]
-                                          flags: 1 = attention recorded, 2 = logit lens recorded
+    ["K", index, text, voice, logprob, entropy, [[alt, logprob], ...], flags, vector?]
+                                          flags: 1 = attention recorded, 2 = logit lens recorded;
+                                          vector: [[voice, strength], ...] in force (only if any)
     ["E", status, message, last_token_wall_time?]                          the message ended
     ["W", token|null, [[voice, p], ...], chosen|null, forced, approximate]
                                           who speaks next at a boundary (the model's probability
@@ -214,18 +215,19 @@ class Encoder:
         for t in recs:
             alts = [[a.text[:MAX_ALT_CHARS], _r(a.logprob)] for a in t.top]
             voice = t.voice or self.voices.default_voice
-            out.append(
-                [
-                    "K",
-                    base + t.index,
-                    t.text,
-                    voice,
-                    _r(t.logprob),
-                    _r(token_entropy(t)),
-                    alts,
-                    (1 if t.attention is not None else 0) | (2 if t.lens else 0),
-                ]
-            )
+            ev: list[Any] = [
+                "K",
+                base + t.index,
+                t.text,
+                voice,
+                _r(t.logprob),
+                _r(token_entropy(t)),
+                alts,
+                (1 if t.attention is not None else 0) | (2 if t.lens else 0),
+            ]
+            if t.vector:  # the lanes mark where a voice vector was active
+                ev.append([[str(v)[:MAX_ALT_CHARS], _r(x)] for v, x in t.vector])
+            out.append(ev)
             self.all_tokens.append(t)
         return out
 

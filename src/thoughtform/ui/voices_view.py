@@ -4,10 +4,10 @@ and the tab itself (:func:`voices_tab`), which edits the open session's voice se
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -15,8 +15,11 @@ from ..voices import PRESETS, VoiceSet, VoiceSetError, voice_set_from_dict
 from .colors import fill_colors, safe_hex
 from .common import fail, request_user
 from .export import safe_filename
-from .service import Tab, Workbench, WorkbenchError
+from .service import VOICE_VECTORS, Tab, Workbench, WorkbenchError
 from .store import StoreError
+
+if TYPE_CHECKING:
+    from ..vectors.sets import VectorSet
 
 VOICE_COLUMNS = [
     "name",
@@ -84,7 +87,8 @@ def voices_from_rows(
     rows: Any, current: VoiceSet, shown: Mapping[str, str] | None = None
 ) -> VoiceSet:
     """A voice set from the editor table (validated). ``shown``: the colours the session shows
-    now, which voices keep (a new voice gets a colour nothing shows)."""
+    now, which voices keep (a new voice gets a colour nothing shows); a voice of ``current``
+    keeps its vector strength (set by the sliders, not a column)."""
     voices: list[dict[str, Any]] = []
     for i, cells in enumerate(table_rows(rows)):
         name, color, glyph, syntax, aliases, desc = cells[:6]
@@ -100,6 +104,9 @@ def voices_from_rows(
         al = [a.strip() for a in aliases.split(",") if a.strip()]
         if al:
             d["aliases"] = al
+        kept = current.get(name)
+        if kept is not None and kept.vector is not None:  # the vector sliders' field: kept
+            d["vector"] = kept.vector
         for key, col in _SAMPLING.items():
             if cells[col]:
                 try:
@@ -146,6 +153,62 @@ def _with_colors(data: dict[str, Any], shown: Mapping[str, str] | None) -> dict[
     return fill_colors(data, shown or {})
 
 
+# Voice-vector sliders: a fixed pool (Gradio outputs are fixed), one per declared voice in lane
+# order; a set with more voices sets the rest in YAML (``vector:``).
+MAX_VECTOR_SLIDERS = 16
+SLIDER_MIN, SLIDER_MAX, SLIDER_STEP = -2.0, 2.0, 0.1
+
+
+@dataclass(frozen=True)
+class VectorSlider:
+    """One voice's slider: its name, the strength it shows, and whether the vector set has a
+    direction for it (a voice without one cannot be steered by a vector)."""
+
+    voice: str
+    strength: float
+    steerable: bool
+
+
+def _clamp(x: float) -> float:
+    return round(min(SLIDER_MAX, max(SLIDER_MIN, x)), 2)
+
+
+def vector_sliders(vs: VoiceSet, vectors: VectorSet | None) -> list[VectorSlider]:
+    """The sliders of voice set ``vs`` (lane order, at most MAX_VECTOR_SLIDERS): each shows
+    the strength a reply uses (``vectors.strength``: the voice's ``vector`` or the set's
+    default), clamped to the slider's range; ``vectors`` is a ``VectorSet`` (None: none
+    loaded, nothing steerable)."""
+    out = []
+    for v in sorted(vs.voices, key=lambda v: v.lane)[:MAX_VECTOR_SLIDERS]:
+        if vectors is not None and vectors.get(v.name) is not None:
+            steerable, strength = True, vectors.strength(v.name, vs)
+        else:
+            steerable, strength = False, v.vector or 0.0
+        out.append(VectorSlider(v.name, _clamp(strength), steerable))
+    return out
+
+
+def with_vector_strengths(
+    vs: VoiceSet, values: Sequence[float | None], vectors: VectorSet | None
+) -> VoiceSet:
+    """``vs`` with each steerable voice's ``vector`` set from its slider's value, in the order
+    of :func:`vector_sliders`; a slider left where it was changes nothing (so a strength
+    outside the sliders' range, set in YAML, survives)."""
+    moved: dict[str, float] = {}
+    for sl, val in zip(vector_sliders(vs, vectors), values, strict=False):
+        if not sl.steerable or not isinstance(val, (int, float)):
+            continue
+        if abs(float(val) - sl.strength) > 1e-9:
+            moved[sl.voice] = _clamp(float(val))
+    if not moved:
+        return vs
+    data = vs.to_dict()
+    for d in data.get("voices") or []:
+        if d.get("name") in moved:
+            d["vector"] = moved[d["name"]]
+    return voice_set_from_dict(data, source="voice vector sliders")
+
+
 @dataclass
 class VoicesTab:
     """The Voices tab's components."""
@@ -164,15 +227,43 @@ class VoicesTab:
     save_yaml_btn: gr.Button
     load_yaml_btn: gr.UploadButton
     yaml_file: gr.File
+    vectors_on: gr.Checkbox
+    sliders: list[gr.Slider]
+    apply_vectors_btn: gr.Button
+    _vectors: list[VectorSet | None] = field(default_factory=list)  # loaded once
+
+    def vectors(self) -> VectorSet | None:
+        """The vector set sessions steer with (``service.VOICE_VECTORS``), loaded on first use;
+        None where it cannot be read (every slider is then locked)."""
+        if not self._vectors:
+            from ..vectors.cvec import VectorFileError
+            from ..vectors.sets import load_vector_set
+
+            try:
+                self._vectors.append(load_vector_set(VOICE_VECTORS))
+            except (VectorFileError, OSError):
+                self._vectors.append(None)
+        return self._vectors[0]
 
     @property
     def outputs(self) -> list[Any]:
-        """What shows a session's voice set (filled by :meth:`values`)."""
-        return [self.table, self.yaml]
+        """What shows a session's voice set and vector switch (filled by :meth:`values`)."""
+        return [self.table, self.yaml, self.vectors_on, *self.sliders]
 
-    def values(self, vs: VoiceSet) -> list[Any]:
-        """The values of :attr:`outputs` for voice set ``vs``."""
-        return [voice_rows(vs), vs.to_yaml()]
+    def values(self, vs: VoiceSet, settings: Mapping[str, Any]) -> list[Any]:
+        """The values of :attr:`outputs` for voice set ``vs`` and session settings."""
+        shown = vector_sliders(vs, self.vectors())
+        sliders = []
+        for i in range(len(self.sliders)):
+            if i >= len(shown):
+                sliders.append(gr.update(visible=False, value=0))
+                continue
+            sl = shown[i]
+            label = sl.voice if sl.steerable else f"{sl.voice} (no vector in the set)"
+            sliders.append(
+                gr.update(visible=True, value=sl.strength, label=label, interactive=sl.steerable)
+            )
+        return [voice_rows(vs), vs.to_yaml(), bool(settings.get("voice_vectors")), *sliders]
 
     def wire(self, tab_state: gr.State, board: gr.HTML) -> None:
         """Register the editor's events: each applied set is the open session's at once (its
@@ -198,7 +289,39 @@ class VoicesTab:
             except (WorkbenchError, StoreError) as e:
                 raise fail(e) from None
             pl, new_tab = wb.reset_payload(t.sid, user)
-            return [pl, new_tab.to_dict(), *self.values(vs)]
+            return [pl, new_tab.to_dict(), *self.values(vs, session_settings(tab, user))]
+
+        def session_settings(tab: dict[str, Any], user: str | None) -> dict[str, Any]:
+            return wb.settings_of(wb.session_info(Tab.of(tab).sid, user))
+
+        # ``request`` first: Gradio inserts it at its position, and ``*values`` would swallow it.
+        def on_apply_vectors(
+            request: gr.Request, tab: dict[str, Any], on: bool, *values: float | None
+        ) -> list[Any]:
+            user = request_user(request)
+            t = Tab.of(tab)
+            info = wb.session_info(t.sid, user)
+            if info is None or not t.sid:
+                raise fail(WorkbenchError("no session open"))
+            vs = current_voices(tab, user)
+            try:
+                new_vs = with_vector_strengths(vs, values, self.vectors())
+                s = wb.settings_of(info)
+                if bool(on) != bool(s.get("voice_vectors")):
+                    wb.save_settings(t.sid, {**s, "voice_vectors": bool(on)}, user)
+            except (VoiceSetError, WorkbenchError, StoreError) as e:
+                raise fail(e) from None
+            if new_vs is vs:
+                pl, new_tab = wb.reset_payload(t.sid, user)
+                out = [pl, new_tab.to_dict(), *self.values(vs, session_settings(tab, user))]
+            else:
+                out = apply_voices(tab, new_vs, user)
+            gr.Info(
+                "Voice vectors on for this session's next replies."
+                if on
+                else "Voice vectors off for this session (strengths kept)."
+            )
+            return out
 
         def on_apply_table(tab: dict[str, Any], rows: Any, request: gr.Request) -> list[Any]:
             user = request_user(request)
@@ -270,6 +393,9 @@ class VoicesTab:
             on_load_yaml, [tab_state, self.load_yaml_btn], voice_outputs, **quiet
         )
         self.save_yaml_btn.click(on_save_yaml, tab_state, self.yaml_file)
+        self.apply_vectors_btn.click(
+            on_apply_vectors, [tab_state, self.vectors_on, *self.sliders], voice_outputs, **quiet
+        )
 
 
 def voices_tab(wb: Workbench) -> VoicesTab:
@@ -315,6 +441,33 @@ def voices_tab(wb: Workbench) -> VoicesTab:
                 elem_id="load-yaml",
             )
         yaml_file = gr.File(label="voices.yaml", interactive=False, elem_id="yaml-file")
+        with gr.Accordion("Voice vectors", open=True, elem_id="voice-vectors"):
+            gr.Markdown(
+                "While a voice speaks, its direction in the model (the shipped set, trained on"
+                " the embedded model) is added × its strength; 0 is off. Tokens already written"
+                " keep theirs. llamacpp and transformers backends; the lanes mark where a vector"
+                " was active.",
+                elem_id="vectors-note",
+            )
+            vectors_on = gr.Checkbox(False, label="Voice vectors on", elem_id="vectors-on")
+            with gr.Row(elem_id="vector-sliders"):
+                sliders = [
+                    gr.Slider(
+                        SLIDER_MIN,
+                        SLIDER_MAX,
+                        value=0,
+                        step=SLIDER_STEP,
+                        label=f"voice {i + 1}",
+                        visible=False,
+                        elem_id=f"vector-{i}",
+                        elem_classes=["tf-vector-slider"],
+                        min_width=160,
+                    )
+                    for i in range(MAX_VECTOR_SLIDERS)
+                ]
+            apply_vectors_btn = gr.Button(
+                "Apply vectors", elem_id="apply-vectors", variant="primary"
+            )
     return VoicesTab(
         wb,
         table,
@@ -330,17 +483,24 @@ def voices_tab(wb: Workbench) -> VoicesTab:
         save_yaml_btn,
         load_yaml_btn,
         yaml_file,
+        vectors_on,
+        sliders,
+        apply_vectors_btn,
     )
 
 
 __all__ = [
+    "MAX_VECTOR_SLIDERS",
     "VOICE_COLUMNS",
+    "VectorSlider",
     "VoicesTab",
     "add_row",
     "remove_row",
     "table_rows",
+    "vector_sliders",
     "voice_rows",
     "voices_from_rows",
     "voices_from_yaml",
     "voices_tab",
+    "with_vector_strengths",
 ]

@@ -1,6 +1,9 @@
 /* Lanes view: one lane per voice on a token axis shared by the whole session; a click on a span
  * scrolls the chat to its block. Per token the work is one width change (or one new span).
  *
+ * Where a voice vector was in force (K's 9th item, [[voice, strength], ...]) a hatched band
+ * over the lane marks those tokens, titled e.g. "Doubt vector ×1.5" (names only as text).
+ *
  * Events: M (a reply's start marks the axis), K (tokens). See workbench.js for the rules.
  */
 (function (TF) {
@@ -36,7 +39,25 @@
     });
     wb.on("K", function (e, rec) {
       self.token(rec);
+      if (rec) self.vector(rec, vectorOf(e[8]));
     });
+  }
+
+  /* The vector in force at a token: {key, title} or null (malformed items are dropped). */
+  function vectorOf(x) {
+    if (!Array.isArray(x)) return null;
+    var parts = [];
+    for (var i = 0; i < x.length && i < 8; i++) {
+      var p = x[i];
+      if (!Array.isArray(p) || p.length < 2) continue;
+      var name = U.str(p[0]).slice(0, 64);
+      var s = U.num(p[1]);
+      if (!name || s == null || !isFinite(s) || s === 0) continue;
+      parts.push(name + " vector \u00d7" + String(Math.round(s * 100) / 100));
+    }
+    if (!parts.length) return null;
+    var title = parts.join(", ");
+    return { key: title, title: title };
   }
 
   Lanes.prototype.clear = function () {
@@ -126,6 +147,38 @@
     this.info.textContent = this.wb.nTok + " tokens";
   };
 
+  Lanes.prototype.vector = function (rec, vec) {
+    var ln = this.lanes.get(rec.voice);
+    if (!ln) return;
+    if (!vec) {
+      ln.vec = null;
+      return;
+    }
+    var px = this.px;
+    var last = ln.vec;
+    if (last && last.key === vec.key && last.end === rec.i - 1 && last.msg === this.msgId) {
+      last.end = rec.i;
+      last.el.dataset.end = String(rec.i);
+      last.el.style.width = (last.end - last.start + 1) * px + "px";
+    } else {
+      var b = el("div", "tf-vec");
+      b.style.left = rec.i * px + "px";
+      b.style.width = px + "px";
+      b.dataset.voice = rec.voice;
+      b.dataset.vector = vec.key;
+      b.dataset.start = String(rec.i);
+      b.dataset.end = String(rec.i);
+      ln.track.appendChild(b);
+      last = ln.vec = { el: b, key: vec.key, start: rec.i, end: rec.i, msg: this.msgId };
+      var wb = this.wb;
+      var voice = rec.voice;
+      b.addEventListener("click", function () {
+        if (wb.views.chat) wb.views.chat.reveal(voice, parseInt(b.dataset.start, 10));
+      });
+    }
+    last.el.title = vec.title + " · tokens " + last.start + "–" + last.end;
+  };
+
   Lanes.prototype.mark = function (at) {
     var mk = el("span", "tf-msgmark");
     mk.style.left = at * this.px + "px";
@@ -135,7 +188,7 @@
 
   Lanes.prototype.setZoom = function (px) {
     this.px = px;
-    this.wrap.querySelectorAll(".tf-span").forEach(function (s) {
+    this.wrap.querySelectorAll(".tf-span, .tf-vec").forEach(function (s) {
       var a = parseInt(s.dataset.start, 10);
       var b = parseInt(s.dataset.end, 10);
       s.style.left = a * px + "px";
