@@ -155,3 +155,21 @@ def test_a_real_reply_is_steered_with_the_slider_strength(tmp_path: Path) -> Non
         assert after and all(t.vector == [["Doubt", 1.5]] for t in after)
     finally:
         wb.close()
+
+
+def test_applying_the_table_keeps_each_voices_backend_binding() -> None:
+    vs = voices_from_yaml(
+        "name: bound\nvoices:\n  - name: Echo\n  - name: Doubt\n    backend: openai\n"
+        "    model: big\n    base_url: http://127.0.0.1:9/v1\n"
+    )
+    rows = voice_rows(vs)
+    rows[1][5] = "the doubter"  # a description edit in the table
+    out = voices_from_rows(rows, vs)
+    doubt = out.get("Doubt")
+    assert doubt is not None and doubt.description == "the doubter"
+    assert doubt.binding == {
+        "backend": "openai",
+        "model": "big",
+        "base_url": "http://127.0.0.1:9/v1",
+    }
+    assert out.get("Echo") is not None and out.get("Echo").binding == {}  # type: ignore[union-attr]

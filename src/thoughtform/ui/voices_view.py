@@ -88,7 +88,7 @@ def voices_from_rows(
 ) -> VoiceSet:
     """A voice set from the editor table (validated). ``shown``: the colours the session shows
     now, which voices keep (a new voice gets a colour nothing shows); a voice of ``current``
-    keeps its vector strength (set by the sliders, not a column)."""
+    keeps its vector strength (set by the sliders) and its backend binding (not columns)."""
     voices: list[dict[str, Any]] = []
     for i, cells in enumerate(table_rows(rows)):
         name, color, glyph, syntax, aliases, desc = cells[:6]
@@ -105,8 +105,12 @@ def voices_from_rows(
         if al:
             d["aliases"] = al
         kept = current.get(name)
-        if kept is not None and kept.vector is not None:  # the vector sliders' field: kept
-            d["vector"] = kept.vector
+        if kept is not None:
+            # Fields the table has no column for: the vector sliders' strength and the voice's
+            # own backend binding (set in YAML) stay as they were.
+            if kept.vector is not None:
+                d["vector"] = kept.vector
+            d.update(kept.binding)
         for key, col in _SAMPLING.items():
             if cells[col]:
                 try:
