@@ -15,7 +15,6 @@ from thoughtform.trace import load_trace
 from thoughtform.ui.harness import (
     Server,
     blocks,
-    launch,
     new_session,
     open_page,
     pick,
@@ -41,14 +40,6 @@ def server(workdir: Path) -> Iterator[Server]:
     srv = Server(workdir / "sessions.db", replay=FIX, model="voices.jsonl", rate=200.0)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as pw:
-        br = launch(pw)
-        yield br
-        br.close()
 
 
 @pytest.fixture

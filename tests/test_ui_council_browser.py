@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from thoughtform.ui.harness import Server, launch, open_page, pick
+from thoughtform.ui.harness import Server, open_page, pick
 
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
@@ -27,14 +27,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = Server(d / "sessions.db", replay=FIX / "hostile.txt", model=None, rate=150.0)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as pw:
-        br = launch(pw)
-        yield br
-        br.close()
 
 
 @pytest.fixture

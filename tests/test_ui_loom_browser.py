@@ -5,14 +5,13 @@ text; and branching from an alternative on the real embedded voices model."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from thoughtform.trace import Alternative, TokenRecord, load_trace
-from thoughtform.ui.harness import Server, launch, new_session, open_page, send, wait_replies
+from thoughtform.ui.harness import Server, new_session, open_page, send, wait_replies
 from thoughtform.ui.store import Store
 
 pytestmark = pytest.mark.browser
@@ -54,14 +53,6 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int, in
     store.add_branch(sid, root.id, {"at": AT, "token_id": 4242}, {"seed": 2}, kid.id)
     store.close()
     return db, sid, root.id, kid.id
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as pw:
-        br = launch(pw)
-        yield br
-        br.close()
 
 
 def loom_idle(page: Any) -> None:

@@ -17,7 +17,6 @@ from thoughtform.trace import load_trace
 from thoughtform.ui.harness import (
     Server,
     blocks,
-    launch,
     new_session,
     open_page,
     send,
@@ -76,14 +75,6 @@ def server(seeded: tuple[Path, str]) -> Iterator[Server]:
     srv = Server(seeded[0], replay=FIX, model="voices.jsonl", rate=200.0)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as pw:
-        br = launch(pw)
-        yield br
-        br.close()
 
 
 @pytest.fixture

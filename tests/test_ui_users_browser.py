@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from thoughtform.ui.harness import Server, launch, open_page, send, session_of, wait_replies
+from thoughtform.ui.harness import Server, open_page, send, session_of, wait_replies
 
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
@@ -37,14 +37,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as pw:
-        br = launch(pw)
-        yield br
-        br.close()
 
 
 def session_labels(page: Any) -> list[str]:

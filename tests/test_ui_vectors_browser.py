@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from thoughtform.ui.harness import Server, launch, new_session, open_page, send, wait_replies
+from thoughtform.ui.harness import Server, new_session, open_page, send, wait_replies
 
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
@@ -50,14 +50,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = Server(d / "s.db", replay=rec, model="vectors.jsonl", rate=400.0)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright.sync_playwright() as pw:
-        br = launch(pw)
-        yield br
-        br.close()
 
 
 @pytest.fixture
