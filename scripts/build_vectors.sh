@@ -17,6 +17,13 @@ start=$(date +%s)
     --max-examples 400 --holdout 0.2 --out "$WORK/seed" ${THREADS:+--threads "$THREADS"}
 end=$(date +%s)
 
+# The default strengths the set ships with: those `thoughtform eval vectors` picked on these
+# vectors (docs/vectors-eval.json, made by the command in the README), else 1 for every voice.
+EVAL=docs/vectors-eval.json
+if [ -f "$EVAL" ]; then
+    "$TF" vectors strengths "$WORK/seed" --from-eval "$EVAL"
+fi
+
 mkdir -p "$DEST"
 rm -f "$DEST"/*.gguf "$DEST/vectors.json"
 cp "$WORK"/seed/*.gguf "$WORK/seed/vectors.json" "$DEST/"

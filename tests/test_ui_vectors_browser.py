@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from thoughtform.ui.harness import Server, new_session, open_page, send, wait_replies
+from thoughtform.vectors.sets import load_vector_set
 
 pytestmark = pytest.mark.browser
 playwright = pytest.importorskip("playwright.sync_api")
@@ -76,13 +77,16 @@ def test_a_moved_slider_sets_the_voice_strength_for_the_session(page: Any, serve
     )
     assert "Doubt" in shown and "Echo" in shown  # one per declared voice
     number = doubt.locator("input[type=number]")
-    assert float(number.input_value()) == 1.0  # the shipped set's default strength
+    start = load_vector_set("seed").default_strength("Doubt")  # what the shipped set suggests
+    assert float(number.input_value()) == start
     rng = doubt.locator("input[type=range]")
     rng.focus()
     for _ in range(5):  # as a person moves it: five steps of 0.1
-        rng.press("ArrowRight")
+        rng.press("ArrowRight" if start <= 1.5 else "ArrowLeft")
+    want = round(start + (0.5 if start <= 1.5 else -0.5), 1)
     page.wait_for_function(
-        "(el) => Math.abs(parseFloat(el.value) - 1.5) < 1e-6", arg=number.element_handle()
+        "([el, w]) => Math.abs(parseFloat(el.value) - w) < 1e-6",
+        arg=[number.element_handle(), want],
     )
     page.locator("#vectors-on input").check()
     page.click("#apply-vectors")
@@ -90,10 +94,11 @@ def test_a_moved_slider_sets_the_voice_strength_for_the_session(page: Any, serve
     settings, voices = session_row(server.db, sid)
     assert settings["voice_vectors"] is True
     by_name = {v["name"]: v for v in voices["voices"]}
-    assert by_name["Doubt"]["vector"] == 1.5
+    assert by_name["Doubt"]["vector"] == want
     assert "vector" not in by_name["Echo"]  # untouched sliders write nothing
     page.wait_for_function(
-        "() => document.querySelector('#voices-yaml').innerText.includes('vector: 1.5')"
+        "(w) => document.querySelector('#voices-yaml').innerText.includes('vector: ' + w)",
+        arg=f"{want:g}",
     )
     # A fresh page on the session shows what was kept.
     again = open_page(page.context.browser, f"{server.url}?session={sid}")
@@ -101,7 +106,8 @@ def test_a_moved_slider_sets_the_voice_strength_for_the_session(page: Any, serve
         again.get_by_role("tab", name="Voices").click()
         num = slider(again, "Doubt").locator("input[type=number]")
         again.wait_for_function(
-            "(el) => Math.abs(parseFloat(el.value) - 1.5) < 1e-6", arg=num.element_handle()
+            "([el, w]) => Math.abs(parseFloat(el.value) - w) < 1e-6",
+            arg=[num.element_handle(), want],
         )
         assert again.locator("#vectors-on input").is_checked()
         assert again.errors == []
