@@ -112,3 +112,15 @@ def test_sample_greedy_and_banned_tokens() -> None:
     x[1] = -np.inf  # banned by a mask
     got = {L.sample(x, 1.0, 0.9, 3, np.random.default_rng(s))[0] for s in range(200)}
     assert got <= {0, 2, 4} and 2 in got
+
+
+@pytest.mark.parametrize("top_k", [0, 5, 40, 300])
+def test_sample_with_the_summary_ranking_draws_the_same_tokens(top_k: int) -> None:
+    """The decode loop passes summarize's ranking to the sampler instead of a second scan."""
+    rng = np.random.default_rng(top_k)
+    x = (rng.standard_normal(3000) * 2.5).astype(np.float32)
+    ranked = L.summarize(x, max(10, L.candidates(top_k)))[2]
+    assert ranked is not None and ranked.shape[0] == max(10, L.candidates(top_k))
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    for _ in range(300):
+        assert L.sample(x, 0.8, 0.95, top_k, a) == L.sample(x, 0.8, 0.95, top_k, b, ranked=ranked)

@@ -550,12 +550,15 @@ class LlamaCppBackend:
             reason: FinishReason = "length"
             base = (s.temperature, s.top_p)
             x_next: np.ndarray | None = None
+            pool = L.candidates(s.top_k) if s.temperature > 0 else 0
             while True:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
                 x = np.array(self._logits(-1), dtype=np.float32) if x_next is None else x_next
-                log_z, entropy, top_ids = L.summarize(x, k)
+                # One ranking serves the alternatives and the sampler's candidates.
+                log_z, entropy, ranked = L.summarize(x, max(k, pool))
+                top_ids = ranked[:k] if ranked is not None and k else None
 
                 def score(
                     seqs: Sequence[Sequence[int]], x: np.ndarray = x, log_z: float = log_z
@@ -587,7 +590,9 @@ class LlamaCppBackend:
                             xs[banned] = -np.inf
                             steered = steered or mass > 1e-6
                         steered = steered or bool(bias_ids.size)
-                    tok, slp = L.sample(xs, temp, top_p, top_k, rng)
+                    tok, slp = L.sample(
+                        xs, temp, top_p, top_k, rng, ranked=ranked if xs is x else None
+                    )
                     if grammar is not None and not grammar.allows(tok, float(xs[tok])):
                         xs = grammar.mask(xs)
                         if not np.isfinite(xs).any():

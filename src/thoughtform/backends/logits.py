@@ -21,18 +21,19 @@ NUCLEUS_CANDIDATES = 256
 _MARGIN = 8.0
 
 
-def top_indices(x: np.ndarray, k: int) -> np.ndarray:
+def top_indices(x: np.ndarray, k: int, m: float | None = None) -> np.ndarray:
     """The indices of the ``k`` largest finite values of ``x``, largest first (ties: lower
     index first).
 
     A comparison against ``max - margin`` finds a small superset (9 us over 49,152 logits),
     and only that is partitioned: ``argpartition`` over the whole vocabulary cost 370 us a
-    call here, twice a token, a tenth of a decode step on the embedded model."""
+    call here, twice a token, a tenth of a decode step on the embedded model. ``m``: x's
+    maximum, when the caller has it."""
     n = x.shape[0]
     k = min(k, n)
     if k <= 0:
         return np.zeros(0, dtype=np.intp)
-    m = float(x.max())
+    m = float(x.max()) if m is None else m
     if not math.isfinite(m):
         idx = np.flatnonzero(np.isfinite(x))
     else:
@@ -57,13 +58,20 @@ def top_indices(x: np.ndarray, k: int) -> np.ndarray:
 def summarize(x: np.ndarray, k: int) -> tuple[float, float, np.ndarray | None]:
     """``(log_z, entropy, top_ids)`` of raw logits ``x`` (top ids most likely first)."""
     m = float(x.max())
-    z = np.exp(x - m)
+    z = x - m
+    np.exp(z, out=z)  # one buffer: in the decode loop each pass over the vocabulary counts
     s = float(z.sum())
     log_z = m + math.log(s)
     entropy = max(0.0, log_z - float(np.dot(z, x)) / s)
     if k <= 0:
         return log_z, entropy, None
-    return log_z, entropy, top_indices(x, k)
+    return log_z, entropy, top_indices(x, k, m)
+
+
+def candidates(top_k: int) -> int:
+    """How many of the most likely tokens :func:`sample` looks at first for ``top_k`` (0: off):
+    a :func:`summarize` for that many serves both the alternatives and the sampling."""
+    return min(top_k, NUCLEUS_CANDIDATES) if top_k > 0 else NUCLEUS_CANDIDATES
 
 
 def log_partition(x: np.ndarray) -> float:
@@ -75,13 +83,20 @@ def log_partition(x: np.ndarray) -> float:
 
 
 def sample(
-    x: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator
+    x: np.ndarray,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    rng: np.random.Generator,
+    ranked: np.ndarray | None = None,
 ) -> tuple[int, float]:
     """Draw a token from logits ``x`` with temperature, top-k (0: off) and top-p; returns the
     token and its log-probability in the distribution actually sampled (after truncation).
 
     Temperature 0 is greedy (log-probability 0). Top-p keeps tokens, most likely first, until
-    the mass before a token reaches ``top_p`` (the first is always kept).
+    the mass before a token reaches ``top_p`` (the first is always kept). ``ranked``: x's most
+    likely ids, most likely first, when the caller has them (summarize's, for
+    :func:`candidates` of ``top_k``): reused instead of scanning the vocabulary again.
     """
     if temperature <= 0:
         return int(np.argmax(x)), 0.0
@@ -97,8 +112,12 @@ def sample(
         tok = min(tok, n - 1)
         return tok, float(math.log(max(w[tok], 1e-45) / whole))
     take = min(k, NUCLEUS_CANDIDATES)
-    # Candidates by logit (the order temperature keeps), most likely first.
-    idx = top_indices(x, take)
+    # Candidates by logit (the order temperature keeps), most likely first; ``ranked`` (x's
+    # top ids from summarize) saves the scan when it holds them.
+    if ranked is not None and ranked.shape[0] >= take:
+        idx = ranked[:take]
+    else:
+        idx = top_indices(x, take, m)
     wi = np.exp((x[idx] - m) / temperature)
     total: float | None = None
     if take < k:
