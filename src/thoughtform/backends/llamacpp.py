@@ -214,6 +214,9 @@ class LlamaCppBackend:
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ_MAX)
         self._n_ctx = n_ctx
         self._n_vocab = self._llm.n_vocab()
+        # One ctypes array type for a logits row: np.ctypeslib.as_array builds a new type per
+        # call (66 us a token, measured after a decode).
+        self._row_type = ctypes.c_float * self._n_vocab
         self._n_embd = llama_cpp.llama_model_n_embd(self._llm._model.model)
         self._n_layer = llama_cpp.llama_model_n_layer(self._llm._model.model)
         self._past: list[int] = []  # tokens in sequence 0's cache
@@ -351,8 +354,12 @@ class LlamaCppBackend:
             raise RuntimeError(f"llama_decode returned {rc}")
 
     def _logits(self, i: int = -1) -> np.ndarray:
+        """A view of output row ``i``'s logits (valid until the next decode)."""
         ptr = self._c.llama_get_logits_ith(self._ctx, i)
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not addr:
+            raise BackendError(f"llama.cpp has no logits for output row {i}")
+        return np.frombuffer(memoryview(self._row_type.from_address(addr)), dtype=np.float32)
 
     def _eval_prompt(self, ids: list[int], fresh: bool) -> None:
         """Bring sequence 0's cache to ``ids`` (reusing the common prefix unless ``fresh``)."""
