@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,9 @@ class LlamaCppBackend:
         # Who-speaks-next scoring decodes every marker on its own sequence; the one the reply
         # then writes is taken from there instead of decoded again (see _advance).
         self._spec: _Scored | None = None
+        # The decode loop's single-token decodes run here, one at a time, so the step's
+        # telemetry and the consumer's work overlap them (see stream).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-decode")
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -517,6 +521,7 @@ class LlamaCppBackend:
         n = 0
         grammar: _Grammar | None = None
         conductor = request.conductor
+        pending: Future[np.ndarray | None] | None = None  # the token decoding on the worker
         try:
             try:
                 ids = self.prompt_ids(request)
@@ -558,19 +563,36 @@ class LlamaCppBackend:
             base = (s.temperature, s.top_p)
             x_next: np.ndarray | None = None
             pool = L.candidates(s.top_k) if s.temperature > 0 else 0
+            want = max(k, pool)
             while True:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
+                if pending is not None:
+                    x_next = pending.result()
+                    pending = None
                 x = np.array(self._logits(-1), dtype=np.float32) if x_next is None else x_next
+                m = float(x.max())
                 # One ranking serves the alternatives and the sampler's candidates.
-                log_z, entropy, ranked = L.summarize(x, max(k, pool))
+                ranked = L.top_indices(x, want, m) if want > 0 else None
                 top_ids = ranked[:k] if ranked is not None and k else None
+                # The log-partition and entropy (a pass over the vocabulary) are the trace's:
+                # they are computed while the next token decodes, unless steering asks first.
+                memo: list[tuple[float, float]] = []
+
+                def stats(
+                    x: np.ndarray = x, m: float = m, memo: list[tuple[float, float]] = memo
+                ) -> tuple[float, float]:
+                    if not memo:
+                        memo.append(L.partition_entropy(x, m))
+                    return memo[0]
 
                 def score(
-                    seqs: Sequence[Sequence[int]], x: np.ndarray = x, log_z: float = log_z
+                    seqs: Sequence[Sequence[int]],
+                    x: np.ndarray = x,
+                    stats: Any = stats,
                 ) -> list[float]:
-                    return self.score_sequences(seqs, x, log_z, keep=True)
+                    return self.score_sequences(seqs, x, stats()[0], keep=True)
 
                 step = conductor.step(score) if conductor is not None else None
                 if forced_queue and (step is None or step.force is None):
@@ -593,7 +615,7 @@ class LlamaCppBackend:
                             xs[bias_ids] += bias_vals
                         if step is not None and step.ban is not None:
                             banned = step.ban
-                            mass = float(np.exp(x[banned] - log_z).sum())
+                            mass = float(np.exp(x[banned] - stats()[0]).sum())
                             xs[banned] = -np.inf
                             steered = steered or mass > 1e-6
                         steered = steered or bool(bias_ids.size)
@@ -617,6 +639,13 @@ class LlamaCppBackend:
                     break
                 if grammar is not None:
                     grammar.accept(tok)
+                if n + 1 < max_new:
+                    # Decode the token on the worker while its event is built and handed on
+                    # (the consumer's parser and trace run meanwhile, on the core the one
+                    # decode thread leaves free). If a stop string ends here, the token stays
+                    # decoded: _past says what the cache holds, and nothing else reads it.
+                    pending = self._worker.submit(self._advance, tok)
+                log_z, entropy = stats()
                 b = self.piece(tok)
                 ev = self._token_event(
                     tok,
@@ -640,7 +669,6 @@ class LlamaCppBackend:
                 if n >= max_new:
                     reason = "length"
                     break
-                x_next = self._advance(tok)
             for out in emitter.flush():
                 yield out
             timings = {"total_s": time.perf_counter() - t0}
@@ -660,6 +688,11 @@ class LlamaCppBackend:
         except Exception as e:  # keep the partial reply; report the fault as the final event
             yield FinishEvent("error", f"{type(e).__name__}: {e}")
         finally:
+            if pending is not None:
+                try:
+                    pending.result()
+                except Exception:
+                    pass  # the loop is over: the cache is dropped at the next prompt
             self._drop_spec()
             if grammar is not None:
                 grammar.free()
@@ -792,6 +825,9 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         """Free the context, then the model."""
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.shutdown(wait=True)
         c = getattr(self, "_c", None)
         if c is not None:
             if getattr(self, "_batch", None) is not None:

@@ -12,12 +12,16 @@ import math
 
 import numpy as np
 
-# Candidates taken before top-p; if they hold less than top_p of the mass, all are sorted.
-NUCLEUS_CANDIDATES = 256
+# Candidates taken before top-p (widened when they hold less than top_p of the mass). Measured
+# on 400 steps of the embedded model at temperature 0.7 / top-p 0.95: the nucleus is 2 tokens
+# at the median, 38 at the 90th percentile, over 64 at 3% of steps.
+NUCLEUS_CANDIDATES = 64
 
 
 # First margin below the maximum logit the top-k scan tries (doubled until it holds k tokens).
-# Measured on SmolLM2's logits: 8 nats holds the top 10 (and usually the top 256) in one pass.
+# Measured on SmolLM2's logits: 8 nats holds the top 10 in one pass, and 31 tokens at the
+# median; doubling (not x4: 32 nats holds most of the vocabulary, a 270 us partition) keeps
+# the partitioned set near k.
 _MARGIN = 8.0
 
 
@@ -42,7 +46,7 @@ def top_indices(x: np.ndarray, k: int, m: float | None = None) -> np.ndarray:
             idx = np.flatnonzero(x >= m - margin)
             if idx.shape[0] >= k or margin > 1e4:
                 break
-            margin *= 4
+            margin *= 2
         if idx.shape[0] < k:  # fewer finite values than k (a mask banned the rest)
             idx = np.flatnonzero(np.isfinite(x))
     if idx.shape[0] > k:
@@ -55,14 +59,20 @@ def top_indices(x: np.ndarray, k: int, m: float | None = None) -> np.ndarray:
     return idx[np.argsort(-x[idx], kind="stable")]
 
 
-def summarize(x: np.ndarray, k: int) -> tuple[float, float, np.ndarray | None]:
-    """``(log_z, entropy, top_ids)`` of raw logits ``x`` (top ids most likely first)."""
-    m = float(x.max())
+def partition_entropy(x: np.ndarray, m: float | None = None) -> tuple[float, float]:
+    """``(log_z, entropy)`` of raw logits ``x`` (``m``: x's maximum, when the caller has it)."""
+    m = float(x.max()) if m is None else m
     z = x - m
     np.exp(z, out=z)  # one buffer: in the decode loop each pass over the vocabulary counts
     s = float(z.sum())
     log_z = m + math.log(s)
-    entropy = max(0.0, log_z - float(np.dot(z, x)) / s)
+    return log_z, max(0.0, log_z - float(np.dot(z, x)) / s)
+
+
+def summarize(x: np.ndarray, k: int) -> tuple[float, float, np.ndarray | None]:
+    """``(log_z, entropy, top_ids)`` of raw logits ``x`` (top ids most likely first)."""
+    m = float(x.max())
+    log_z, entropy = partition_entropy(x, m)
     if k <= 0:
         return log_z, entropy, None
     return log_z, entropy, top_indices(x, k, m)
@@ -72,6 +82,14 @@ def candidates(top_k: int) -> int:
     """How many of the most likely tokens :func:`sample` looks at first for ``top_k`` (0: off):
     a :func:`summarize` for that many serves both the alternatives and the sampling."""
     return min(top_k, NUCLEUS_CANDIDATES) if top_k > 0 else NUCLEUS_CANDIDATES
+
+
+def _weights(x: np.ndarray, m: float, temperature: float) -> np.ndarray:
+    """``exp((x - m) / temperature)`` in one new buffer (the same values as the expression,
+    without its two temporaries over the vocabulary)."""
+    z = x - m
+    np.divide(z, temperature, out=z)
+    return np.exp(z, out=z)
 
 
 def log_partition(x: np.ndarray) -> float:
@@ -105,7 +123,7 @@ def sample(
     m = float(x.max())
     p = min(1.0, top_p) if top_p > 0 else 1.0
     if k == n and p >= 1.0:
-        w = np.exp((x - m) / temperature)
+        w = _weights(x, m, temperature)
         whole = float(w.sum())
         r = rng.random() * whole
         tok = int(np.searchsorted(np.cumsum(w, dtype=np.float64), r, side="right"))
@@ -123,7 +141,7 @@ def sample(
     if take < k:
         # More candidates are allowed than taken: widen (x4) while these do not hold top_p of
         # the mass (a flat distribution: a reply's first token often needs ~1,000).
-        total = float(np.exp((x - m) / temperature).sum())
+        total = float(_weights(x, m, temperature).sum())
         while take < k and float(wi.sum()) / total < p:
             take = min(k, take * 4)
             idx = top_indices(x, take)
@@ -131,7 +149,7 @@ def sample(
     if k < n:
         mass = float(wi.sum())
     else:
-        mass = total if total is not None else float(np.exp((x - m) / temperature).sum())
+        mass = total if total is not None else float(_weights(x, m, temperature).sum())
     probs = wi / mass
     before = np.cumsum(probs) - probs
     keep = int(np.count_nonzero(before < p)) or 1
