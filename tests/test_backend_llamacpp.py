@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,6 +111,31 @@ def test_closing_the_stream_frees_the_model(backend) -> None:  # type: ignore[no
     # The lock was released: a new stream starts at once instead of reporting "busy".
     toks, fin = collect(backend.stream(req("Say hi.", n=3)))
     assert fin.reason in ("stop", "length") and toks
+
+
+def test_each_token_decodes_while_the_consumer_works(backend) -> None:  # type: ignore[no-untyped-def]
+    """The loop decodes a token on its worker while the consumer handles the event: a slow
+    consumer gets the same reply, and after a stop string (the token that ended it already
+    decoded) the cache holds exactly what the backend says it holds."""
+    fast, _ = collect(backend.stream(req("Name three colours.", n=24)))
+    slow: list[TokenEvent] = []
+    for ev in backend.stream(req("Name three colours.", n=24)):
+        if isinstance(ev, FinishEvent):
+            break
+        time.sleep(0.03)  # a slow consumer: two decode steps' worth per token
+        slow.append(ev)
+    assert [t.token_id for t in slow] == [t.token_id for t in fast]
+    text = "".join(t.text for t in fast)
+    stop = text[len(text) // 2 :][:3]
+    assert stop.strip()
+    toks, fin = collect(backend.stream(req("Name three colours.", n=24, stop=[stop])))
+    assert fin.reason == "stop" and stop not in "".join(t.text for t in toks)
+    c = backend._c  # the cache's last position in sequence 0 is the last token it records
+    assert c.llama_memory_seq_pos_max(backend._mem, 0) == len(backend._past) - 1
+    # An unseeded follow-up reuses that cache; its greedy reply matches a fresh evaluation.
+    again, _ = collect(backend.stream(req("Name three colours. Then stop.", n=8, seed=None)))
+    fresh, _ = collect(backend.stream(req("Name three colours. Then stop.", n=8)))
+    assert [t.token_id for t in again] == [t.token_id for t in fresh]
 
 
 def test_generation_trace_on_disk(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

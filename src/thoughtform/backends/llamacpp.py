@@ -753,44 +753,64 @@ class LlamaCppBackend:
             rows = {c: -1 for c in live}  # logits row of each child after the last decode
             pos = len(ids)
             steps = 0
+            want = max(k, L.candidates(s.top_k) if s.temperature > 0 else 0)
+            # Each step's batch decodes on the worker while the children's telemetry is worked
+            # out (as in stream); the batch holds the children whose token did not end them.
+            pending: Future[None] | None = None
+            batch: list[tuple[int, int]] = []  # (child, token) in the pending batch's order
             try:
                 while live and steps < max_new:
                     if cancel is not None and cancel.is_set():
                         break
-                    items: list[tuple[int, int, int, bool]] = []
-                    nxt: list[int] = []
+                    if pending is not None:
+                        pending.result()
+                        pending = None
+                        rows = {c: i for i, (c, _) in enumerate(batch)}
+                        self._past.extend(t for c, t in batch if c == 0)
+                    picks: list[tuple[int, int, np.ndarray, float, np.ndarray | None]] = []
                     for c in live:
                         x = np.array(self._logits(rows[c]), dtype=np.float32)
-                        log_z, entropy, top_ids = L.summarize(x, k)
+                        m = float(x.max())
+                        ranked = L.top_indices(x, want, m) if want > 0 else None
                         xs = x
                         if bias_ids.size:
                             xs = x.copy()
                             xs[bias_ids] += bias_vals
-                        tok, _ = L.sample(xs, s.temperature, s.top_p, s.top_k, rngs[c])
-                        if self._is_eog(tok):
-                            continue
-                        b = self.piece(tok)
-                        ev = self._token_event(tok, x, log_z, entropy, top_ids)
-                        out[c].extend(emitters[c].push(ev, b))
-                        if emitters[c].stopped:
-                            continue
-                        items.append((tok, pos, c, True))
-                        nxt.append(c)
+                        tok, _ = L.sample(
+                            xs,
+                            s.temperature,
+                            s.top_p,
+                            s.top_k,
+                            rngs[c],
+                            ranked=ranked if xs is x else None,
+                        )
+                        if not self._is_eog(tok):
+                            picks.append((c, tok, x, m, ranked))
                     steps += 1
-                    live = nxt
-                    if not live or steps >= max_new:
-                        break
-                    self._decode(items)
-                    rows = {c: i for i, c in enumerate(live)}
-                    if 0 in rows:
-                        self._past.append(items[rows[0]][0])
+                    batch = [(c, tok) for c, tok, *_ in picks]
+                    if batch and steps < max_new:
+                        items = [(tok, pos, c, True) for c, tok in batch]
+                        pending = self._worker.submit(self._decode, items)
+                    live = []
+                    for c, tok, x, m, ranked in picks:
+                        log_z, entropy = L.partition_entropy(x, m)
+                        top_ids = ranked[:k] if ranked is not None and k else None
+                        ev = self._token_event(tok, x, log_z, entropy, top_ids)
+                        out[c].extend(emitters[c].push(ev, self.piece(tok)))
+                        if not emitters[c].stopped:
+                            live.append(c)
                     pos += 1
             finally:
+                if pending is not None:
+                    try:
+                        pending.result()
+                        self._past.extend(t for c, t in batch if c == 0)
+                    except Exception:
+                        pass
                 for c in range(1, n):
                     self._c.llama_memory_seq_rm(self._mem, c, -1, -1)
-                if 0 not in rows or rows.get(0, -1) < 0:
-                    # Sequence 0 stopped early: its cache ends where _past says.
-                    self._c.llama_memory_seq_rm(self._mem, 0, len(self._past), -1)
+                # Sequence 0's cache ends where _past says.
+                self._c.llama_memory_seq_rm(self._mem, 0, len(self._past), -1)
             for c in range(n):
                 out[c].extend(emitters[c].flush())
             return out
