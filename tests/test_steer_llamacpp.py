@@ -226,10 +226,10 @@ def test_the_marker_written_after_scoring_is_not_decoded_twice(
     singles: list[int] = []
     orig = b._decode
 
-    def counting(items: Any) -> None:
+    def counting(items: Any, started: Any = None) -> None:
         if len(items) == 1:
             singles.append(items[0][0])
-        orig(items)
+        orig(items, started)
 
     monkeypatch.setattr(b, "_decode", counting)
     tr = run(b, "Is the sea blue?", steer_plan(VS, next_voice="Doubt"), seed=1, n=24)
