@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from thoughtform.trace import Alternative, TokenRecord, load_trace
-from thoughtform.ui.harness import Server, new_session, open_page, send, wait_replies
+from thoughtform.ui.harness import (
+    Server,
+    new_session,
+    open_page,
+    send,
+    set_max_tokens,
+    wait_replies,
+)
 from thoughtform.ui.store import Store
 
 pytestmark = pytest.mark.browser
@@ -143,14 +150,6 @@ def test_siblings_tree_and_compare_render_hostile_text_as_text(
         srv.stop()
 
 
-def set_max_tokens(page: Any, n: int) -> None:
-    page.get_by_role("tab", name="Settings").click()
-    page.locator("#set-max-tokens input").fill(str(n))
-    page.click("#save-settings")
-    page.get_by_text("Settings saved").first.wait_for(timeout=10_000)
-    page.get_by_role("tab", name="Workbench").click()
-
-
 @pytest.mark.model
 def test_branch_from_an_alternative_on_the_real_model(
     browser: Any, tmp_path_factory: pytest.TempPathFactory
@@ -162,8 +161,8 @@ def test_branch_from_an_alternative_on_the_real_model(
     )
     try:
         page = open_page(browser, srv.url)
-        new_session(page)
-        set_max_tokens(page, 20)
+        sid = new_session(page)
+        set_max_tokens(page, 20, srv.db, sid)
         send(page, "Is the sea blue?")
         wait_replies(page, 1, timeout=120_000)
         mid = int(

@@ -6,23 +6,22 @@ import math
 import sqlite3
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from thoughtform.ui.harness import Server, launch, new_session, open_page, send, wait_replies
+from thoughtform.ui.harness import (
+    Server,
+    launch,
+    new_session,
+    open_page,
+    send,
+    set_max_tokens,
+    wait_replies,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 playwright = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("llama_cpp")
-
-
-def set_max_tokens(page: Any, n: int) -> None:
-    page.get_by_role("tab", name="Settings").click()
-    page.locator("#set-max-tokens input").fill(str(n))
-    page.click("#save-settings")
-    page.get_by_text("Settings saved").first.wait_for(timeout=10_000)
-    page.get_by_role("tab", name="Workbench").click()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def test_real_model_streams_tokens_with_telemetry_and_stops(server: Server) -> N
         br = launch(pw)
         page = open_page(br, server.url)
         sid = new_session(page)
-        set_max_tokens(page, 24)
+        set_max_tokens(page, 24, server.db, sid)
         send(page, "Say hello to the rain.")
         wait_replies(page, 1, timeout=120_000)
         status = page.get_attribute("#tf-wb .tf-msg[data-role=assistant]", "data-status")
@@ -60,7 +59,7 @@ def test_real_model_streams_tokens_with_telemetry_and_stops(server: Server) -> N
         assert not any(math.isnan(p) for p in ps)
         # Stop a long reply: it ends at once, keeps its tokens, and the model is free again.
         page.click("#tf-wb .tf-viewtab[data-view=chat]")
-        set_max_tokens(page, 400)
+        set_max_tokens(page, 400, server.db, sid)
         send(page, "Tell me a long story about the sea.")
         page.wait_for_function(
             "(n) => +document.querySelector('#tf-wb').dataset.tokens >= n + 3",
@@ -73,7 +72,7 @@ def test_real_model_streams_tokens_with_telemetry_and_stops(server: Server) -> N
         assert time.monotonic() - t0 < 3
         last = page.locator("#tf-wb .tf-msg[data-role=assistant]").last
         assert last.get_attribute("data-status") == "cancelled"
-        set_max_tokens(page, 8)
+        set_max_tokens(page, 8, server.db, sid)
         send(page, "One word?")
         wait_replies(page, 3, timeout=60_000)
         assert (

@@ -180,6 +180,32 @@ def new_session(page: Any) -> str:
     return session_of(page)
 
 
+def set_max_tokens(page: Any, n: int, db: str | Path, sid: str) -> None:
+    """Save "max tokens" in the Settings tab and wait until session ``sid``'s stored settings
+    hold it (a full clean-clone run once saved the default: under load a save can be lost to a
+    race in the form; it is then made again)."""
+    import json
+    import sqlite3
+
+    for _ in range(3):
+        page.get_by_role("tab", name="Settings").click()
+        page.locator("#set-max-tokens input").fill(str(n))
+        page.click("#save-settings")
+        page.get_by_text("Settings saved").first.wait_for(timeout=10_000)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            con = sqlite3.connect(str(db))
+            try:
+                row = con.execute("SELECT settings FROM sessions WHERE id=?", (sid,)).fetchone()
+            finally:
+                con.close()
+            if row and json.loads(row[0] or "{}").get("max_tokens") == n:
+                page.get_by_role("tab", name="Workbench").click()
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"max tokens {n} never reached session {sid}'s settings")
+
+
 def send(page: Any, text: str) -> None:
     """Type a message and press Enter."""
     box = page.locator("#prompt textarea")
