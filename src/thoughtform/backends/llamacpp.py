@@ -588,8 +588,7 @@ class LlamaCppBackend:
             reason: FinishReason = "length"
             base = (s.temperature, s.top_p)
             x_next: np.ndarray | None = None
-            pool = L.candidates(s.top_k) if s.temperature > 0 else 0
-            want = max(k, pool)
+            want = L.ranking_size(k, s.temperature, s.top_k)
             xbuf = np.empty(self._n_vocab, dtype=np.float32)
             while True:
                 if cancel is not None and cancel.is_set():
@@ -786,7 +785,7 @@ class LlamaCppBackend:
             rows = {c: -1 for c in live}  # logits row of each child after the last decode
             pos = len(ids)
             steps = 0
-            want = max(k, L.candidates(s.top_k) if s.temperature > 0 else 0)
+            want = L.ranking_size(k, s.temperature, s.top_k)
             # Each step's batch decodes on the worker while the children's telemetry is worked
             # out (as in stream); the batch holds the children whose token did not end them.
             pending: Future[None] | None = None

@@ -80,8 +80,14 @@ def summarize(x: np.ndarray, k: int) -> tuple[float, float, np.ndarray | None]:
 
 def candidates(top_k: int) -> int:
     """How many of the most likely tokens :func:`sample` looks at first for ``top_k`` (0: off):
-    a :func:`summarize` for that many serves both the alternatives and the sampling."""
+    a :func:`top_indices` for that many serves both the alternatives and the sampling."""
     return min(top_k, NUCLEUS_CANDIDATES) if top_k > 0 else NUCLEUS_CANDIDATES
+
+
+def ranking_size(alternatives: int, temperature: float, top_k: int) -> int:
+    """How many ids a decode step ranks: the ``alternatives`` shown and, when it samples (not
+    greedy), the candidates :func:`sample` reads (passed back to it as ``ranked``)."""
+    return max(alternatives, candidates(top_k) if temperature > 0 else 0)
 
 
 def _weights(x: np.ndarray, m: float, temperature: float) -> np.ndarray:
@@ -144,7 +150,7 @@ def sample(
         total = float(_weights(x, m, temperature).sum())
         while take < k and float(wi.sum()) / total < p:
             take = min(k, take * 4)
-            idx = top_indices(x, take)
+            idx = top_indices(x, take, m)
             wi = np.exp((x[idx] - m) / temperature)
     if k < n:
         mass = float(wi.sum())

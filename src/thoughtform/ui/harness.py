@@ -5,9 +5,11 @@ Playwright itself is passed in by the caller, so importing this module stays lig
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -184,9 +186,6 @@ def set_max_tokens(page: Any, n: int, db: str | Path, sid: str) -> None:
     """Save "max tokens" in the Settings tab and wait until session ``sid``'s stored settings
     hold it (a full clean-clone run once saved the default: under load a save can be lost to a
     race in the form; it is then made again)."""
-    import json
-    import sqlite3
-
     for _ in range(3):
         page.get_by_role("tab", name="Settings").click()
         page.locator("#set-max-tokens input").fill(str(n))
