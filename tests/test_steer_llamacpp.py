@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from thoughtform.backends import create_backend
+from thoughtform.backends import logits as L
 from thoughtform.conversation import ChatSettings, build_request, steer_plan
 from thoughtform.evaluate.adherence import default_prompts_path, form_check, read_prompts
 from thoughtform.generate import Generation
@@ -248,3 +250,82 @@ def test_the_marker_written_after_scoring_is_not_decoded_twice(
     # Seeded replies still repeat token for token through the shared cells.
     again = run(b, "Is the sea blue?", steer_plan(VS, next_voice="Doubt"), seed=1, n=24)
     assert [t.token_id for t in again.tokens] == ids
+
+
+def test_observed_boundaries_are_scored_beside_the_reply_and_change_nothing(
+    voices_model: Any,
+) -> None:
+    """Who-speaks-next that only observes runs on the side context: the reply is token for token
+    the one written without scoring, and the probabilities are the in-line scoring's."""
+    b = voices_model
+    assert b.side_scoring  # a 2-core machine: the decode thread leaves a core
+    prompt = "Should I change my job?"
+    scored = run(b, prompt, SteerPlan(score_voices=True), seed=1, n=96)
+    unscored = run(b, prompt, SteerPlan(score_voices=False), seed=1, n=96)
+    assert [t.token_id for t in scored.tokens] == [t.token_id for t in unscored.tokens]
+    boundaries = [
+        i for i, t in enumerate(scored.tokens) if i and t.text.lstrip("\n").startswith("[")
+    ]
+    assert len(scored.voice_choices) >= 2 and boundaries
+    assert [c["token"] for c in scored.voice_choices[1:]] == boundaries[
+        : len(scored.voice_choices) - 1
+    ]
+    assert all(0.0 < sum(c["probs"].values()) <= 1.0 + 1e-6 for c in scored.voice_choices)
+    assert all(c["probs"][c["chosen"]] > 0 for c in scored.voice_choices if c["chosen"])
+    b.side_scoring = False
+    try:
+        inline = run(b, prompt, SteerPlan(score_voices=True), seed=1, n=8)
+    finally:
+        b.side_scoring = True
+    first, ref = scored.voice_choices[0], inline.voice_choices[0]
+    assert first["token"] == ref["token"] == 0
+    for v, p in ref["probs"].items():
+        assert first["probs"][v] == pytest.approx(p, rel=1e-5, abs=1e-9), v
+
+
+def test_the_side_context_mirrors_the_reply_cache_and_its_vectors(
+    voices_model: Any, tmp_path: Any
+) -> None:
+    """score_later against score_sequences on the same context: after the cache grew, after a
+    follow-up reused only part of it, and under a voice vector (which changes the scores)."""
+    from thoughtform.vectors.cvec import ControlVector, write_control_vector
+
+    b = voices_model
+    seqs = [b.vocab().marker_ids(v.open_marker) for v in VS.voices]
+
+    def both() -> tuple[list[float], list[float]]:
+        x = np.array(b._logits(-1), dtype=np.float32)
+        lz = float(L.log_partition(x))
+        fut = b.score_later(seqs, x, lz)
+        assert fut is not None
+        side = fut.result(timeout=60)
+        return side, b.score_sequences(seqs, x, lz)
+
+    def close(a: list[float], c: list[float]) -> None:
+        # Log-probabilities: mid-text markers are unlikely (-15 to -35 nats here).
+        assert np.allclose(a, c, rtol=0, atol=1e-3), (a, c)
+
+    with b._lock:
+        ids = b.tokenize("<|im_start|>user\nTell me about the tide.<|im_end|>\n")
+        b._eval_prompt(ids, fresh=True)
+        close(*both())
+        for tok in b.tokenize("The tide comes in twice a day.\n"):
+            b._advance(tok)  # the reply grows: the side takes only the new cells
+        close(*both())
+        # A follow-up that shares the first tokens: the side drops what the reply recomputed.
+        b._eval_prompt(ids[:5] + b.tokenize(" and the moon.\n"), fresh=False)
+        close(*both())
+        dirs = {layer: np.full(b.n_embd, 0.05, dtype=np.float32) for layer in range(4, 24)}
+        write_control_vector(ControlVector(dirs, name="Doubt"), tmp_path / "Doubt.gguf")
+        plan = SteerPlan(vector_dir=str(tmp_path))
+
+        b._set_vector((("Doubt", 8.0),), SimpleNamespace(plan=plan))
+        try:
+            b._advance(b.tokenize(" So")[0])  # decoded under the vector
+            side, inline = both()
+            close(side, inline)
+            b._set_vector((), None)
+            b._eval_prompt(b._past[:-1] + b._past[-1:], fresh=True)  # the same, unsteered
+            assert np.abs(np.array(both()[0]) - np.array(side)).max() > 1.0
+        finally:
+            b._set_vector((), None)

@@ -175,6 +175,8 @@ class Generation:
             ch = c.choices[self._written_choices]
             if not final and ch.chosen is None and ch is c.choices[-1]:
                 break  # its voice is not parsed yet
+            if not ch.settle(wait=final):
+                break  # still being scored beside the reply (in order: the rest wait)
             rec = ch.to_dict()
             self.trace.voice_choices.append({k: v for k, v in rec.items() if k != "type"})
             if self._writer is not None:

@@ -25,6 +25,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +36,7 @@ from .voices import Voice, VoiceSet
 
 __all__ = [
     "Conductor",
+    "LaterFn",
     "ScoreFn",
     "SteerError",
     "SteerPlan",
@@ -49,6 +51,9 @@ __all__ = [
 
 # score(sequences) -> the log-probability of each token sequence continuing the current context.
 ScoreFn = Callable[[Sequence[Sequence[int]]], Sequence[float]]
+# later(sequences) -> the same, computed while the reply goes on (None: score now instead). For
+# boundaries that only observe: what the model wanted there changes nothing it writes.
+LaterFn = Callable[[Sequence[Sequence[int]]], "Future[list[float]] | None"]
 
 MAX_MARKER_STATE = 48  # longest line prefix still treated as a possible marker
 
@@ -395,6 +400,27 @@ class VoiceChoice:
     chosen: str | None = None
     forced: bool = False
     approximate: bool = False
+    # Scored later (LaterFn): the voices in order and the future of their log-probabilities.
+    _later: tuple[tuple[str, ...], Future[list[float]]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def settle(self, wait: bool = True) -> bool:
+        """Fill ``probs`` from a later scoring once it is done (waiting for it if ``wait``);
+        returns whether ``probs`` is final. A failed scoring leaves no probabilities."""
+        later = self._later
+        if later is None:
+            return True
+        names, fut = later
+        if not wait and not fut.done():
+            return False
+        self._later = None
+        try:
+            lps = fut.result()
+        except Exception:
+            return True
+        self.probs = _probs(names, lps)
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         """The trace record."""
@@ -521,8 +547,11 @@ class Conductor:
             self._pending_choice = None
 
     def finish(self) -> None:
-        """The reply ended: close a boundary nobody answered."""
+        """The reply ended: close a boundary nobody answered; every record's probabilities
+        are final."""
         self._pending_choice = None
+        for c in self.choices:
+            c.settle()
 
     def record_choice(
         self, probs: Mapping[str, float], forced: bool = False, approximate: bool = True
@@ -570,14 +599,15 @@ class Conductor:
         """Whether the next text begins a line (only spaces or tabs on it so far)."""
         return self.line.strip(" \t") == ""
 
-    def step(self, score: ScoreFn | None = None) -> Step:
-        """What to do for the next token (called by the backend before every token)."""
+    def step(self, score: ScoreFn | None = None, later: LaterFn | None = None) -> Step:
+        """What to do for the next token (called by the backend before every token);
+        ``later``: the backend can score a boundary off the reply's path (see :meth:`_score`)."""
         t, p = self.sampling_for(self.voice)
         st = Step(temperature=t, top_p=p, top_k=self.base[2], vector=self._vector())
         with self._lock:
             if not self._started:
                 self._started = True
-                self._reply_start(score)
+                self._reply_start(score, later)
             elif (
                 self.structure is not None
                 and not self._queue
@@ -607,7 +637,9 @@ class Conductor:
             st.intercept = self._wants_intercept(score)
         return st
 
-    def intercept(self, tok: int, score: ScoreFn | None = None) -> tuple[int, bool]:
+    def intercept(
+        self, tok: int, score: ScoreFn | None = None, later: LaterFn | None = None
+    ) -> tuple[int, bool]:
         """The backend sampled ``tok``; returns the token to emit and whether it is forced.
 
         A token that opens a bracket marker at a line start is a voice boundary: who speaks
@@ -626,7 +658,7 @@ class Conductor:
             prefix = vocab.texts[tok][:at]
             steer = self.next_voice is not None or self.structure is not None
             if not steer:
-                self._score(score, prefix, forced=False)
+                self._score(score, prefix, forced=False, later=later)
                 return tok, False
             self._choose(score, prefix)
             if not self._queue:
@@ -646,12 +678,12 @@ class Conductor:
         self._queue.extend(ids)
         self._queue_forced_voice = voice
 
-    def _reply_start(self, score: ScoreFn | None) -> None:
+    def _reply_start(self, score: ScoreFn | None, later: LaterFn | None = None) -> None:
         forced = self.next_voice is not None or self.structure is not None
         if forced:
             self._choose(score, prefix="")
         elif self.plan.score_voices and score is not None and self.vocab is not None:
-            self._score(score, "", forced=False)
+            self._score(score, "", forced=False, later=later)
 
     def _allowed(self, first: bool) -> list[Voice]:
         st = self.structure
@@ -676,26 +708,34 @@ class Conductor:
         assert self.vocab is not None
         return [self.vocab.marker_ids(prefix + v.open_marker) for v in voices]
 
-    def _score(self, score: ScoreFn | None, prefix: str, forced: bool) -> dict[str, float]:
+    def _score(
+        self, score: ScoreFn | None, prefix: str, forced: bool, later: LaterFn | None = None
+    ) -> dict[str, float]:
         """Record who-speaks-next at this boundary; returns the probabilities of every declared
-        voice (muted ones too: what the model wanted is worth seeing)."""
+        voice (muted ones too: what the model wanted is worth seeing). ``later``: a boundary
+        that only observes (not ``forced``) is scored while the reply goes on; its record is
+        filled when that is done (:meth:`VoiceChoice.settle`) and the returned dict is empty."""
         pend = self._pending_choice
         if pend is not None and pend.token == self.tokens and not prefix:
             pend.forced = pend.forced or forced  # the reply start, scored already
+            if forced:
+                pend.settle()  # a choice is made from it now
             return pend.probs
         if score is None or self.vocab is None or not self.plan.score_voices:
             return {}
         voices = list(self.voices.voices)
         if not voices:
             return {}
-        lps = score(self._candidates(voices, prefix))
-        probs = {
-            v.name: (math.exp(lp) if lp > -1e30 else 0.0) for v, lp in zip(voices, lps, strict=True)
-        }
-        choice = VoiceChoice(token=self.tokens, probs=probs, forced=forced)
+        seqs = self._candidates(voices, prefix)
+        names = tuple(v.name for v in voices)
+        fut = later(seqs) if later is not None and not forced else None
+        if fut is not None:
+            choice = VoiceChoice(token=self.tokens, probs={}, forced=False, _later=(names, fut))
+        else:
+            choice = VoiceChoice(token=self.tokens, probs=_probs(names, score(seqs)), forced=forced)
         self.choices.append(choice)
         self._pending_choice = choice
-        return probs
+        return choice.probs
 
     def _choose(self, score: ScoreFn | None, prefix: str) -> None:
         """Pick the voice to open at this boundary and queue its marker (or end the reply)."""
@@ -880,6 +920,11 @@ class Conductor:
             )
             return np.concatenate([base, after])
         return np.asarray(base)
+
+
+def _probs(names: Sequence[str], lps: Sequence[float]) -> dict[str, float]:
+    """Probabilities from log-probabilities, voice by voice (-inf and below: 0)."""
+    return {n: (math.exp(lp) if lp > -1e30 else 0.0) for n, lp in zip(names, lps, strict=True)}
 
 
 def _empty() -> np.ndarray:

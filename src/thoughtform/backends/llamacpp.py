@@ -36,6 +36,15 @@ from .base import (
     TokenEvent,
     alt_text,
 )
+from .llama_score import (
+    CvecArgs,
+    SideScorer,
+    apply_cvec,
+    fill_batch,
+    logits_row,
+    marker_tree,
+    tree_logprobs,
+)
 
 MAX_ALTERNATIVES = 50
 N_SEQ_MAX = 16  # sequence 0 is the reply; the rest score markers and sample branches
@@ -123,6 +132,17 @@ class _Grammar:
             self.smpl = None
 
 
+def _settle(jobs: list[Future[list[float]]]) -> None:
+    """Wait for the side context's scoring jobs (their faults are read by whoever reads the
+    futures: the voice choices they fill)."""
+    for f in jobs:
+        try:
+            f.result()
+        except Exception:
+            pass
+    jobs.clear()
+
+
 def _plain_step(base: tuple[float, float], top_k: int) -> Any:
     from ..steer import Step
 
@@ -156,6 +176,7 @@ class LlamaCppBackend:
         lora_path: str | Path | None = None,
         seed: int | None = None,
         merged: bool = True,
+        side_scoring: bool | None = None,
     ) -> None:
         try:
             import llama_cpp
@@ -227,6 +248,7 @@ class LlamaCppBackend:
         self._formatter = self._make_formatter()
         self._eos = self._llm.token_eos()
         self._cvec_key: Any = ()
+        self._cvec_args: CvecArgs = (None, 0, 0)
         self._vector_sets: dict[str, Any] = {}
         # Who-speaks-next scoring decodes every marker on its own sequence; the one the reply
         # then writes is taken from there instead of decoded again (see _advance).
@@ -234,6 +256,13 @@ class LlamaCppBackend:
         # The decode loop's single-token decodes run here, one at a time, so the step's
         # telemetry and the consumer's work overlap them (see stream).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-decode")
+        # Who-speaks-next that only observes (nothing is chosen by it) is scored on a second
+        # context, on the core the one decode thread leaves, while the reply decodes on
+        # (llama_score). It mirrors sequence 0 from the lowest position removed since the
+        # last copy (_seq0_cut). One core: nothing to overlap with, scored in line.
+        self.side_scoring = side_scoring if side_scoring is not None else _cores() >= 2
+        self._side: SideScorer | None = None
+        self._seq0_cut = 0
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -345,32 +374,16 @@ class LlamaCppBackend:
         """Decode ``(token, position, seq or seqs, want_logits)`` items in one batch (a token
         may belong to several sequences: a prefix they share is decoded once). ``started`` is
         set just before llama.cpp is called (see :meth:`_on_worker`)."""
-        b = self._batch
-        for i, (tok, pos, seq, want) in enumerate(items):
-            b.token[i] = tok
-            b.pos[i] = pos
-            if isinstance(seq, int):
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
-            else:
-                b.n_seq_id[i] = len(seq)
-                for k, q in enumerate(seq):
-                    b.seq_id[i][k] = q
-            b.logits[i] = want
-        b.n_tokens = len(items)
+        fill_batch(self._batch, items)
         if started is not None:
             started.set()
-        rc = self._c.llama_decode(self._ctx, b)
+        rc = self._c.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
     def _logits(self, i: int = -1) -> np.ndarray:
         """A view of output row ``i``'s logits (valid until the next decode)."""
-        ptr = self._c.llama_get_logits_ith(self._ctx, i)
-        addr = ctypes.cast(ptr, ctypes.c_void_p).value
-        if not addr:
-            raise BackendError(f"llama.cpp has no logits for output row {i}")
-        return np.frombuffer(memoryview(self._row_type.from_address(addr)), dtype=np.float32)
+        return logits_row(self._c, self._ctx, self._row_type, i)
 
     def _eval_prompt(self, ids: list[int], fresh: bool) -> None:
         """Bring sequence 0's cache to ``ids`` (reusing the common prefix unless ``fresh``)."""
@@ -385,6 +398,7 @@ class LlamaCppBackend:
             self._c.llama_memory_clear(self._mem, True)
         else:
             self._c.llama_memory_seq_rm(self._mem, 0, keep, -1)
+        self._seq0_cut = min(self._seq0_cut, keep)
         for s in range(1, N_SEQ_MAX):
             self._c.llama_memory_seq_rm(self._mem, s, -1, -1)
         self._spec = None
@@ -415,35 +429,17 @@ class LlamaCppBackend:
         keep = keep and 0 < len(multi) <= per
         for a in range(0, len(multi), per):
             group = multi[a : a + per]
-            # One batch item per distinct prefix: every marker starts with "[", which is then
-            # decoded once for all of them (21 -> 14 tokens for the seed voices).
-            node: dict[tuple[int, ...], int] = {}
-            items: list[tuple[int, int, list[int], bool]] = []
-            for j, (_, s) in enumerate(group):
-                self._c.llama_memory_seq_cp(self._mem, 0, j + 1, -1, -1)
-                for t in range(len(s) - 1):
-                    key = tuple(s[: t + 1])
-                    k = node.get(key)
-                    if k is None:
-                        node[key] = len(items)
-                        items.append((s[t], n_past + t, [j + 1], True))
-                    else:
-                        items[k][2].append(j + 1)
+            node, items = marker_tree([s for _, s in group], n_past)
             if len(items) > N_BATCH:
                 raise BackendError("markers too long to score in one batch")
+            for j in range(len(group)):
+                self._c.llama_memory_seq_cp(self._mem, 0, j + 1, -1, -1)
             kept = False
             try:
                 self._decode(items)
-                row_lz: dict[int, tuple[np.ndarray, float]] = {}
-                for i, s in group:
-                    for t in range(len(s) - 1):
-                        r = node[tuple(s[: t + 1])]
-                        got = row_lz.get(r)
-                        if got is None:
-                            row = self._logits(r)
-                            got = (row, L.log_partition(row))
-                            row_lz[r] = got
-                        out[i] += float(got[0][s[t + 1]]) - got[1]
+                lps, row_lz = tree_logprobs([s for _, s in group], node, self._logits)
+                for (i, _), lp in zip(group, lps, strict=True):
+                    out[i] += lp
                 if keep:
                     # Copies: the next decode overwrites llama.cpp's logits buffer.
                     rows = {
@@ -513,28 +509,53 @@ class LlamaCppBackend:
             return
         self._drop_spec()  # decoded under the vectors before
         self._cvec_key = spec
-        if not spec:
-            self._c.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, 0, 0)
-            return
-        from ..vectors.cvec import cvec_buffer
-        from ..vectors.sets import load_vector_set
+        self._cvec_args = (None, 0, 0)
+        if spec:
+            from ..vectors.cvec import cvec_buffer
+            from ..vectors.sets import load_vector_set
 
-        where = (conductor.plan.vector_dir if conductor is not None else None) or "seed"
-        vset = self._vector_sets.get(where)
-        if vset is None:
-            vset = load_vector_set(where)
-            self._vector_sets[where] = vset
-        pairs = [(cv, s) for v, s in spec if (cv := vset.get(v)) is not None]
-        buf, il_start, il_end = cvec_buffer(pairs, self._n_embd, self._n_layer)
-        if buf.size == 0:
-            self._c.llama_set_adapter_cvec(self._ctx, None, 0, self._n_embd, 0, 0)
-            return
-        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = self._c.llama_set_adapter_cvec(
-            self._ctx, ptr, buf.size, self._n_embd, il_start, il_end
-        )
-        if rc != 0:
-            raise BackendError(f"llama_set_adapter_cvec failed ({rc})")
+            where = (conductor.plan.vector_dir if conductor is not None else None) or "seed"
+            vset = self._vector_sets.get(where)
+            if vset is None:
+                vset = load_vector_set(where)
+                self._vector_sets[where] = vset
+            pairs = [(cv, s) for v, s in spec if (cv := vset.get(v)) is not None]
+            self._cvec_args = cvec_buffer(pairs, self._n_embd, self._n_layer)
+        apply_cvec(self._c, self._ctx, self._n_embd, self._cvec_args)
+
+    def _side_scorer(self) -> SideScorer | None:
+        """The side context that scores who-speaks-next off the reply's path (made at the first
+        boundary that wants it), or None where there is no core for it or it cannot be made."""
+        if self._side is None and self.side_scoring:
+            try:
+                self._side = SideScorer(
+                    self._c,
+                    self._llm._model.model,
+                    self._n_ctx,
+                    N_SEQ_MAX,
+                    N_BATCH,
+                    self._row_type,
+                    self._n_embd,
+                    self._llm._lora_adapter,
+                )
+            except BackendError:
+                self.side_scoring = False
+        return self._side
+
+    def score_later(
+        self, seqs: Sequence[Sequence[int]], x: np.ndarray, log_z: float
+    ) -> Future[list[float]] | None:
+        """As :meth:`score_sequences` (without ``keep``), but the batch runs on the side
+        context while the reply decodes on: returns its future, or None (score now instead).
+        Call between two decodes of sequence 0."""
+        side = self._side_scorer()
+        if side is None:
+            return None
+        first = [float(x[s[0]]) - log_z if s else 0.0 for s in seqs]
+        self._drop_spec()  # frees the scratch sequence the copy goes through
+        cells = side.sync(self._ctx, self._mem, self._seq0_cut, len(self._past))
+        self._seq0_cut = len(self._past)
+        return side.submit(cells, len(self._past), seqs, first, (self._cvec_key, self._cvec_args))
 
     def stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
@@ -548,6 +569,7 @@ class LlamaCppBackend:
         grammar: _Grammar | None = None
         conductor = request.conductor
         pending: Future[np.ndarray | None] | None = None  # the token decoding on the worker
+        side_jobs: list[Future[list[float]]] = []  # who-speaks-next scored on the side
         try:
             try:
                 ids = self.prompt_ids(request)
@@ -626,7 +648,21 @@ class LlamaCppBackend:
                 ) -> list[float]:
                     return self.score_sequences(seqs, x, stats()[0], keep=True)
 
-                step = conductor.step(score) if conductor is not None else None
+                def later(
+                    seqs: Sequence[Sequence[int]],
+                    x: np.ndarray = x,
+                    stats: Any = stats,
+                ) -> Future[list[float]] | None:
+                    fut = self.score_later(seqs, x, stats()[0])
+                    if fut is not None:
+                        side_jobs.append(fut)
+                    return fut
+
+                step = (
+                    conductor.step(score, later if self.side_scoring else None)
+                    if conductor is not None
+                    else None
+                )
                 if forced_queue and (step is None or step.force is None):
                     step = step or _plain_step(base, s.top_k)
                     step.force = forced_queue.pop(0)
@@ -663,7 +699,9 @@ class LlamaCppBackend:
                         steered = True
                     steered = steered or (temp, top_p) != base
                     if step is not None and step.intercept:
-                        tok2, forced = conductor.intercept(tok, score)  # type: ignore[union-attr]
+                        tok2, forced = conductor.intercept(  # type: ignore[union-attr]
+                            tok, score, later if self.side_scoring else None
+                        )
                         if forced:
                             tok, steered, slp = tok2, True, 0.0
                 if self._is_eog(tok):
@@ -703,6 +741,8 @@ class LlamaCppBackend:
                     break
             for out in emitter.flush():
                 yield out
+            # The trace's voice choices are complete when the reply is.
+            _settle(side_jobs)
             timings = {"total_s": time.perf_counter() - t0}
             if t_first is not None:
                 timings["first_token_s"] = t_first
@@ -725,6 +765,7 @@ class LlamaCppBackend:
                     pending.result()
                 except Exception:
                     pass  # the loop is over: the cache is dropped at the next prompt
+            _settle(side_jobs)
             self._drop_spec()
             if grammar is not None:
                 grammar.free()
@@ -843,6 +884,7 @@ class LlamaCppBackend:
                     self._c.llama_memory_seq_rm(self._mem, c, -1, -1)
                 # Sequence 0's cache ends where _past says.
                 self._c.llama_memory_seq_rm(self._mem, 0, len(self._past), -1)
+                self._seq0_cut = min(self._seq0_cut, len(self._past))
             for c in range(n):
                 out[c].extend(emitters[c].flush())
             return out
@@ -880,6 +922,10 @@ class LlamaCppBackend:
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.shutdown(wait=True)
+        side = getattr(self, "_side", None)
+        if side is not None:
+            side.close()
+            self._side = None
         c = getattr(self, "_c", None)
         if c is not None:
             if getattr(self, "_batch", None) is not None:
