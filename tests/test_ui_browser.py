@@ -212,8 +212,20 @@ def test_hostile_transcript_runs_nothing(page: Any, server: Server) -> None:
     page.locator("#voices-yaml .cm-content").fill(
         "voices: ['<img src=x onerror=window.__pwned=30>']"
     )
-    page.click("#apply-yaml")
-    page.get_by_text("is not a valid bracket name").first.wait_for(timeout=10_000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    error = page.get_by_text("is not a valid bracket name").first
+    for attempt in range(3):
+        # Under load the editor's change can reach the server after the click, which then
+        # applies the YAML it had (valid: no toast); applying again is harmless. Failed once in
+        # a full run, never alone.
+        page.click("#apply-yaml")
+        try:
+            error.wait_for(timeout=10_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
     page.get_by_role("tab", name="Workbench").click()
     for view in ("tokens", "lanes", "stats", "chat"):
         page.click(f"#tf-wb .tf-viewtab[data-view={view}]")
