@@ -11,6 +11,8 @@ copy of the cache cells the side lacks (~0.4 ms for 20 new tokens, 2.6 ms for 40
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -109,6 +111,18 @@ def apply_cvec(c: Any, ctx: Any, n_embd: int, args: CvecArgs) -> None:
         raise BackendError(f"llama_set_adapter_cvec failed ({rc})")
 
 
+def _yield_to_the_reply() -> None:
+    """Run the calling thread (the side's) at the lowest priority: where it shares a core with
+    the reply's decode or the consumer (a busy machine), they go first and the scores come
+    later. Linux nice values are per thread; elsewhere nothing changes. Measured: 12
+    interleaved pairs on the shared 2-core machine, steer vs plain median 1.07 niced, 1.02 not
+    (single runs moved +-20% with the host)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class SideScorer:
     """A second llama.cpp context on the same weights, one thread of its own, that scores
     who-speaks-next while the reply goes on decoding.
@@ -157,7 +171,9 @@ class SideScorer:
         self._n_embd = n_embd
         self.mirrored = 0  # reply cells the side holds (as of the last job submitted)
         self._cvec_key: Any = ()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-score")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="llama-score", initializer=_yield_to_the_reply
+        )
 
     def sync(self, main_ctx: Any, main_mem: Any, valid: int, n_past: int) -> tuple[int, Any]:
         """Take the reply's cells from position ``valid`` (those before are the side's already)
