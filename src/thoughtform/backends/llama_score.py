@@ -3,9 +3,10 @@ batch, on the reply's own context or on a side context that scores while the rep
 
 Measured on the project's 2-core machine (SmolLM2-135M Q4_1, one decode thread): the seed voices'
 14-token marker batch takes ~82 ms on the reply's context (two threads; the reply waits), ~90 ms
-on a one-thread side context while the reply decodes on the other core at the same speed as
-alone (12.9-13.2 ms a token either way): scored on the side, a boundary costs the reply only the
-copy of the cache cells the side lacks (~0.4 ms for 20 new tokens, 2.6 ms for 400 at the first).
+on a one-thread side context while the reply decodes on the other core (at the same speed within
+7% in 8 of 10 alternating stretches; in 2 the host slowed both): scored on the side, a boundary
+costs the reply the copy of the cache cells the side lacks (~0.4 ms for 20 new tokens, 2.6 ms
+for a 400-token prompt the first time).
 """
 
 from __future__ import annotations
