@@ -226,14 +226,14 @@ def test_the_marker_written_after_scoring_is_not_decoded_twice(
     shares those cache cells: fewer decodes, and its tokens' telemetry is the scoring's own."""
     b = voices_model
     singles: list[int] = []
-    orig = b._decode
+    orig = b._decoder.start
 
-    def counting(items: Any, started: Any = None) -> None:
+    def counting(items: Any) -> None:
         if len(items) == 1:
             singles.append(items[0][0])
-        orig(items, started)
+        orig(items)
 
-    monkeypatch.setattr(b, "_decode", counting)
+    monkeypatch.setattr(b._decoder, "start", counting)
     tr = run(b, "Is the sea blue?", steer_plan(VS, next_voice="Doubt"), seed=1, n=24)
     marker = b.vocab().marker_ids("[Doubt]")
     ids = [t.token_id for t in tr.tokens]
@@ -310,7 +310,7 @@ def test_the_side_context_mirrors_the_reply_cache_and_its_vectors(
         b._eval_prompt(ids, fresh=True)
         close(*both())
         for tok in b.tokenize("The tide comes in twice a day.\n"):
-            b._advance(tok)  # the reply grows: the side takes only the new cells
+            b._advance(tok).result()  # the reply grows: the side takes only the new cells
         close(*both())
         # A follow-up that shares the first tokens: the side drops what the reply recomputed.
         b._eval_prompt(ids[:5] + b.tokenize(" and the moon.\n"), fresh=False)
@@ -321,7 +321,7 @@ def test_the_side_context_mirrors_the_reply_cache_and_its_vectors(
 
         b._set_vector((("Doubt", 8.0),), SimpleNamespace(plan=plan))
         try:
-            b._advance(b.tokenize(" So")[0])  # decoded under the vector
+            b._advance(b.tokenize(" So")[0]).result()  # decoded under the vector
             side, inline = both()
             close(side, inline)
             b._set_vector((), None)

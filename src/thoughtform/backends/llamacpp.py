@@ -16,8 +16,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ from .llama_score import (
     SideScorer,
     apply_cvec,
     fill_batch,
-    logits_row,
     marker_tree,
     tree_logprobs,
 )
@@ -130,6 +129,111 @@ class _Grammar:
         if self.smpl:
             self._c.llama_sampler_free(self.smpl)
             self.smpl = None
+
+
+class _DecodeThread:
+    """One thread that runs ``llama_decode`` on the reply's context and batch when told, so
+    that the caller's telemetry and its consumer's work run meanwhile (llama_decode releases
+    the GIL).
+
+    Three plain locks hand over (go, inside, done): the caller fills the batch and
+    :meth:`start` returns once this thread is about to enter llama.cpp; :meth:`wait` returns its
+    result. Measured against a thread pool (a Future, an Event, a closure per token), one
+    llama_decode's return to the next one's start: 724-725 us -> 646-671 us at the median.
+    The caller waits until this thread is about to enter llama.cpp because, handed over
+    blind, it waited for the GIL while the caller built the step's event and ran the consumer
+    (0.8 ms between two decodes)."""
+
+    def __init__(self, c: Any, ctx: Any, batch: Any) -> None:
+        self._c = c
+        self._ctx = ctx
+        self._batch = batch
+        self._go = threading.Lock()
+        self._inside = threading.Lock()
+        self._done = threading.Lock()
+        for lock in (self._go, self._inside, self._done):
+            lock.acquire()
+        self._rc = 0
+        self._error: BaseException | None = None
+        self._stop = False
+        self.busy = False
+        self._thread = threading.Thread(target=self._loop, name="llama-decode", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        decode = self._c.llama_decode
+        ctx, batch = self._ctx, self._batch
+        go, inside, done = self._go, self._inside, self._done
+        while True:
+            go.acquire()
+            if self._stop:
+                inside.release()
+                return
+            inside.release()
+            try:
+                self._rc = decode(ctx, batch)
+            except BaseException as e:  # reported by wait(), on the caller's thread
+                self._error = e
+            done.release()
+
+    def start(self, items: Sequence[tuple[int, int, int | Sequence[int], bool]]) -> None:
+        """Decode ``items`` in one batch on this thread; returns once it is under way."""
+        if self.busy:
+            raise RuntimeError("a decode is already under way")
+        fill_batch(self._batch, items)
+        self._rc, self._error = 0, None
+        self.busy = True
+        self._go.release()
+        self._inside.acquire()
+
+    def wait(self) -> None:
+        """Wait for the decode :meth:`start` began; raise if it failed."""
+        if not self.busy:
+            return
+        self._done.acquire()
+        self.busy = False
+        if self._error is not None:
+            raise self._error
+        if self._rc != 0:
+            raise RuntimeError(f"llama_decode returned {self._rc}")
+
+    def close(self) -> None:
+        """Finish the decode under way, then end the thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self.wait()
+        except Exception:
+            pass
+        self._stop = True
+        self._go.release()
+        self._inside.acquire()
+        self._thread.join()
+
+
+class _Advance:
+    """The token the reply appends next, being decoded (or taken from a scoring batch):
+    :meth:`result` waits, records it in ``past`` and returns its logits row (None: read the
+    context's last row)."""
+
+    __slots__ = ("_decoder", "_past", "_row", "_tok")
+
+    def __init__(
+        self,
+        tok: int,
+        past: list[int],
+        decoder: _DecodeThread | None = None,
+        row: np.ndarray | None = None,
+    ) -> None:
+        self._tok, self._past, self._decoder, self._row = tok, past, decoder, row
+
+    def result(self) -> np.ndarray | None:
+        """The logits after the token, once it is in the cache."""
+        d, self._decoder = self._decoder, None
+        if d is not None:
+            d.wait()
+            self._past.append(self._tok)
+        return self._row
 
 
 def _settle(jobs: list[Future[list[float]]]) -> None:
@@ -239,6 +343,14 @@ class LlamaCppBackend:
         # One ctypes array type for a logits row: np.ctypeslib.as_array builds a new type per
         # call (66 us a token, measured after a decode).
         self._row_type = ctypes.c_float * self._n_vocab
+        # llama_get_logits_ith returning the row's address as an int (see _logits).
+        fn_addr = ctypes.cast(llama_cpp.llama_get_logits_ith, ctypes.c_void_p).value
+        assert fn_addr is not None
+        self._logits_ith = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+            fn_addr
+        )
+        self._views: dict[int, np.ndarray] = {}
+        self._eog: dict[int, bool] = {}
         self._n_embd = llama_cpp.llama_model_n_embd(self._llm._model.model)
         self._n_layer = llama_cpp.llama_model_n_layer(self._llm._model.model)
         self._past: list[int] = []  # tokens in sequence 0's cache
@@ -255,7 +367,7 @@ class LlamaCppBackend:
         self._spec: _Scored | None = None
         # The decode loop's single-token decodes run here, one at a time, so the step's
         # telemetry and the consumer's work overlap them (see stream).
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-decode")
+        self._decoder = _DecodeThread(llama_cpp, self._ctx, self._batch)
         # Who-speaks-next that only observes (nothing is chosen by it) is scored on a second
         # context, on the core the one decode thread leaves, while the reply decodes on
         # (llama_score). It mirrors sequence 0 from the lowest position removed since the
@@ -353,7 +465,10 @@ class LlamaCppBackend:
         return self._vocab
 
     def _is_eog(self, tok: int) -> bool:
-        return bool(self._c.llama_vocab_is_eog(self._llm._model.vocab, tok))
+        got = self._eog.get(tok)
+        if got is None:  # one ctypes call per distinct token, then a lookup (11 us -> <1 us)
+            got = self._eog[tok] = bool(self._c.llama_vocab_is_eog(self._llm._model.vocab, tok))
+        return got
 
     def _grammar_ok(self, text: str) -> bool:
         """Whether llama.cpp parses the GBNF grammar (a grammar that fails to parse would crash
@@ -366,24 +481,32 @@ class LlamaCppBackend:
 
     # -- the low-level loop ----------------------------------------------------------------------
 
-    def _decode(
-        self,
-        items: Sequence[tuple[int, int, int | Sequence[int], bool]],
-        started: threading.Event | None = None,
-    ) -> None:
-        """Decode ``(token, position, seq or seqs, want_logits)`` items in one batch (a token
-        may belong to several sequences: a prefix they share is decoded once). ``started`` is
-        set just before llama.cpp is called (see :meth:`_on_worker`)."""
+    def _decode(self, items: Sequence[tuple[int, int, int | Sequence[int], bool]]) -> None:
+        """Decode ``(token, position, seq or seqs, want_logits)`` items in one batch on this
+        thread (a token may belong to several sequences: a prefix they share is decoded
+        once)."""
         fill_batch(self._batch, items)
-        if started is not None:
-            started.set()
         rc = self._c.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
     def _logits(self, i: int = -1) -> np.ndarray:
-        """A view of output row ``i``'s logits (valid until the next decode)."""
-        return logits_row(self._c, self._ctx, self._row_type, i)
+        """A view of output row ``i``'s logits (valid until the next decode).
+
+        Measured in the loop: llama-cpp-python's binding, the pointer cast and a new view per
+        call cost 85 us a token between two decodes; an address-returning binding and one view
+        per address (llama.cpp reuses its output buffer) 33 us."""
+        addr = self._logits_ith(self._ctx, i)
+        if not addr:
+            raise BackendError(f"llama.cpp has no logits for output row {i}")
+        view = self._views.get(addr)
+        if view is None:
+            if len(self._views) >= 64:  # a buffer llama.cpp grew moves every row
+                self._views.clear()
+            view = self._views[addr] = np.frombuffer(
+                memoryview(self._row_type.from_address(addr)), dtype=np.float32
+            )
+        return view
 
     def _eval_prompt(self, ids: list[int], fresh: bool) -> None:
         """Bring sequence 0's cache to ``ids`` (reusing the common prefix unless ``fresh``)."""
@@ -463,29 +586,11 @@ class LlamaCppBackend:
         for j in range(1, sp.n_seqs + 1):
             self._c.llama_memory_seq_rm(self._mem, j, -1, -1)
 
-    def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Run ``fn(*args, started=event)`` on the decode worker; return once it has reached
-        its llama.cpp call (or ended).
-
-        Measured: handed over without waiting, the worker waited for the GIL while this thread
-        built the step's event and ran the consumer's parser and trace, 0.8 ms between two
-        decodes (the loop's largest cost); waiting until it is inside llama.cpp costs ~0.1 ms."""
-        started = threading.Event()
-
-        def run() -> Any:
-            try:
-                return fn(*args, started=started)
-            finally:
-                started.set()
-
-        fut = self._worker.submit(run)
-        started.wait()
-        return fut
-
-    def _advance(self, tok: int, started: threading.Event | None = None) -> np.ndarray | None:
+    def _advance(self, tok: int) -> _Advance:
         """Append ``tok`` to sequence 0. When the last scoring batch already decoded it (the
         marker the reply writes next), its cache cell is shared into sequence 0 and the logits
-        after it are returned; else it is decoded and None says: read them with _logits(-1).
+        after it are the result; else it is decoded on the decode thread (the result None says:
+        read them with _logits(-1)).
 
         Measured: a boundary's batch (14 tokens for the seed voices) costs ~6 single decodes;
         reusing the written marker's 2-3 tokens saves that many decodes per boundary."""
@@ -496,11 +601,10 @@ class LlamaCppBackend:
             if hit is not None:
                 self._c.llama_memory_seq_cp(self._mem, hit[0], 0, pos, pos + 1)
                 self._past.append(tok)
-                return hit[1]
+                return _Advance(tok, self._past, row=hit[1])
             self._drop_spec()
-        self._decode([(tok, pos, 0, True)], started)
-        self._past.append(tok)
-        return None
+        self._decoder.start([(tok, pos, 0, True)])
+        return _Advance(tok, self._past, self._decoder)
 
     def _set_vector(self, spec: tuple[tuple[str, float], ...], conductor: Any) -> None:
         """Put the voice vectors of ``spec`` ((voice, strength) pairs) into the context; one
@@ -568,7 +672,7 @@ class LlamaCppBackend:
         n = 0
         grammar: _Grammar | None = None
         conductor = request.conductor
-        pending: Future[np.ndarray | None] | None = None  # the token decoding on the worker
+        pending: _Advance | None = None  # the token decoding on the decode thread
         side_jobs: list[Future[list[float]]] = []  # who-speaks-next scored on the side
         try:
             try:
@@ -688,7 +792,13 @@ class LlamaCppBackend:
                             steered = steered or mass > 1e-6
                         steered = steered or bool(bias_ids.size)
                     tok, slp = L.sample(
-                        xs, temp, top_p, top_k, rng, ranked=ranked if xs is x else None
+                        xs,
+                        temp,
+                        top_p,
+                        top_k,
+                        rng,
+                        ranked=ranked if xs is x else None,
+                        m=m if xs is x else None,
                     )
                     if grammar is not None and not grammar.allows(tok, float(xs[tok])):
                         xs = grammar.mask(xs)
@@ -714,7 +824,7 @@ class LlamaCppBackend:
                     # (the consumer's parser and trace run meanwhile, on the core the one
                     # decode thread leaves free). If a stop string ends here, the token stays
                     # decoded: _past says what the cache holds, and nothing else reads it.
-                    pending = self._on_worker(self._advance, tok)
+                    pending = self._advance(tok)
                 log_z, entropy = stats()
                 b = self.piece(tok)
                 ev = self._token_event(
@@ -829,15 +939,15 @@ class LlamaCppBackend:
             want = L.ranking_size(k, s.temperature, s.top_k)
             # Each step's batch decodes on the worker while the children's telemetry is worked
             # out (as in stream); the batch holds the children whose token did not end them.
-            pending: Future[None] | None = None
+            pending = False  # a batch is decoding on the decode thread
             batch: list[tuple[int, int]] = []  # (child, token) in the pending batch's order
             try:
                 while live and steps < max_new:
                     if cancel is not None and cancel.is_set():
                         break
-                    if pending is not None:
-                        pending.result()
-                        pending = None
+                    if pending:
+                        self._decoder.wait()
+                        pending = False
                         rows = {c: i for i, (c, _) in enumerate(batch)}
                         self._past.extend(t for c, t in batch if c == 0)
                     picks: list[tuple[int, int, np.ndarray, float, np.ndarray | None]] = []
@@ -863,7 +973,8 @@ class LlamaCppBackend:
                     batch = [(c, tok) for c, tok, *_ in picks]
                     if batch and steps < max_new:
                         items = [(tok, pos, c, True) for c, tok in batch]
-                        pending = self._on_worker(self._decode, items)
+                        self._decoder.start(items)
+                        pending = True
                     live = []
                     for c, tok, x, m, ranked in picks:
                         log_z, entropy = L.partition_entropy(x, m)
@@ -874,9 +985,9 @@ class LlamaCppBackend:
                             live.append(c)
                     pos += 1
             finally:
-                if pending is not None:
+                if pending:
                     try:
-                        pending.result()
+                        self._decoder.wait()
                         self._past.extend(t for c, t in batch if c == 0)
                     except Exception:
                         pass
@@ -919,9 +1030,9 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         """Free the context, then the model."""
-        worker = getattr(self, "_worker", None)
-        if worker is not None:
-            worker.shutdown(wait=True)
+        decoder = getattr(self, "_decoder", None)
+        if decoder is not None:
+            decoder.close()
         side = getattr(self, "_side", None)
         if side is not None:
             side.close()
