@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -258,7 +259,8 @@ def test_observed_boundaries_are_scored_beside_the_reply_and_change_nothing(
     """Who-speaks-next that only observes runs on the side context: the reply is token for token
     the one written without scoring, and the probabilities are the in-line scoring's."""
     b = voices_model
-    assert b.side_scoring  # a 2-core machine: the decode thread leaves a core
+    assert b.side_scoring == (len(os.sched_getaffinity(0)) >= 2)  # a core beside the decode
+    b.side_scoring = True  # on one core too: slower, the same replies
     prompt = "Should I change my job?"
     scored = run(b, prompt, SteerPlan(score_voices=True), seed=1, n=96)
     unscored = run(b, prompt, SteerPlan(score_voices=False), seed=1, n=96)
