@@ -97,6 +97,42 @@ def tree_logprobs(
     return out, rows
 
 
+def make_context(
+    c: Any,
+    model: Any,
+    n_ctx: int,
+    n_seq_max: int,
+    n_batch: int,
+    threads: int,
+    threads_batch: int,
+    lora: Any = None,
+) -> Any:
+    """A llama.cpp context on ``model`` for the decode loop or the side scorer, with the runtime
+    LoRA adapter ``lora`` (a loaded adapter or None) applied; raises BackendError.
+
+    One cache is shared by all sequences (``kv_unified``): markers and branches copy the
+    reply's prefix instead of each sequence getting n_ctx / n_seq_max cells of its own."""
+    params = c.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_seq_max = n_seq_max
+    params.kv_unified = True
+    params.n_threads = threads
+    params.n_threads_batch = threads_batch
+    params.no_perf = True
+    ctx = c.llama_init_from_model(model, params)
+    if not ctx:
+        raise BackendError(f"cannot create a llama.cpp context (n_ctx {n_ctx})")
+    if lora is not None:
+        adapters = (c.llama_adapter_lora_p_ctypes * 1)(lora)
+        scales = (ctypes.c_float * 1)(1.0)
+        if c.llama_set_adapters_lora(ctx, adapters, 1, scales):
+            c.llama_free(ctx)
+            raise BackendError("cannot apply the LoRA adapter to a llama.cpp context")
+    return ctx
+
+
 CvecArgs = tuple[np.ndarray | None, int, int]  # (buffer or None: off, first layer, last layer)
 
 
@@ -144,25 +180,10 @@ class SideScorer:
         n_embd: int,
         lora: Any = None,
     ) -> None:
-        params = c.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        params.n_seq_max = n_seq_max
-        params.kv_unified = True
-        params.n_threads = 1
-        params.n_threads_batch = 1
-        params.no_perf = True
         self._c = c
-        self._ctx = c.llama_init_from_model(model, params)
-        if not self._ctx:
-            raise BackendError("cannot create a llama.cpp context for who-speaks-next scoring")
-        if lora is not None:
-            adapters = (c.llama_adapter_lora_p_ctypes * 1)(lora)
-            scales = (ctypes.c_float * 1)(1.0)
-            if c.llama_set_adapters_lora(self._ctx, adapters, 1, scales):
-                self.close()
-                raise BackendError("cannot apply the LoRA adapter to the scoring context")
+        self._ctx = make_context(
+            c, model, n_ctx, n_seq_max, n_batch, threads=1, threads_batch=1, lora=lora
+        )
         self._mem = c.llama_get_memory(self._ctx)
         self._batch = c.llama_batch_init(n_batch, 0, n_seq_max)
         self._n_batch = n_batch

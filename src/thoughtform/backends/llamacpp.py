@@ -41,6 +41,7 @@ from .llama_score import (
     SideScorer,
     apply_cvec,
     fill_batch,
+    make_context,
     marker_tree,
     tree_logprobs,
 )
@@ -315,27 +316,20 @@ class LlamaCppBackend:
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise BackendError(f"{path}: cannot load model: {e}") from None
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = N_BATCH
-        params.n_ubatch = N_BATCH
-        params.n_seq_max = N_SEQ_MAX
-        # One cache shared by all sequences: markers and branches copy the reply's prefix
-        # instead of each sequence getting n_ctx / n_seq_max cells of its own.
-        params.kv_unified = True
-        params.n_threads = n_threads or decode_threads()
-        params.n_threads_batch = n_threads or _cores()
-        params.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._llm._model.model, params)
-        if not self._ctx:
+        try:
+            self._ctx = make_context(
+                llama_cpp,
+                self._llm._model.model,
+                n_ctx,
+                N_SEQ_MAX,
+                N_BATCH,
+                threads=n_threads or decode_threads(),
+                threads_batch=n_threads or _cores(),
+                lora=self._llm._lora_adapter,
+            )
+        except BackendError as e:
             self._llm.close()
-            raise BackendError(f"{path}: cannot create a llama.cpp context (n_ctx {n_ctx})")
-        if self._llm._lora_adapter is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._llm._lora_adapter)  # type: ignore[misc]
-            scales = (ctypes.c_float * 1)(1.0)
-            if llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales):
-                self.close()
-                raise BackendError(f"{lora}: cannot apply the LoRA adapter")
+            raise BackendError(f"{path}: {e}") from None
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, N_SEQ_MAX)
         self._n_ctx = n_ctx
@@ -820,7 +814,7 @@ class LlamaCppBackend:
                 if grammar is not None:
                     grammar.accept(tok)
                 if n + 1 < max_new:
-                    # Decode the token on the worker while its event is built and handed on
+                    # Decode the token on the decode thread while its event is built and handed on
                     # (the consumer's parser and trace run meanwhile, on the core the one
                     # decode thread leaves free). If a stop string ends here, the token stays
                     # decoded: _past says what the cache holds, and nothing else reads it.
@@ -937,7 +931,7 @@ class LlamaCppBackend:
             pos = len(ids)
             steps = 0
             want = L.ranking_size(k, s.temperature, s.top_k)
-            # Each step's batch decodes on the worker while the children's telemetry is worked
+            # Each step's batch decodes on the decode thread while the children's telemetry is worked
             # out (as in stream); the batch holds the children whose token did not end them.
             pending = False  # a batch is decoding on the decode thread
             batch: list[tuple[int, int]] = []  # (child, token) in the pending batch's order
