@@ -227,14 +227,13 @@ def test_the_marker_written_after_scoring_is_not_decoded_twice(
     shares those cache cells: fewer decodes, and its tokens' telemetry is the scoring's own."""
     b = voices_model
     singles: list[int] = []
-    orig = b._decoder.start
+    orig = b._decode_next
 
-    def counting(items: Any) -> None:
-        if len(items) == 1:
-            singles.append(items[0][0])
-        orig(items)
+    def counting(tok: int, pos: int) -> None:
+        singles.append(tok)
+        orig(tok, pos)
 
-    monkeypatch.setattr(b._decoder, "start", counting)
+    monkeypatch.setattr(b, "_decode_next", counting)
     tr = run(b, "Is the sea blue?", steer_plan(VS, next_voice="Doubt"), seed=1, n=24)
     marker = b.vocab().marker_ids("[Doubt]")
     ids = [t.token_id for t in tr.tokens]

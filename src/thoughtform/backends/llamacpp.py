@@ -16,7 +16,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -213,26 +213,26 @@ class _DecodeThread:
 
 
 class _Advance:
-    """The token the reply appends next, being decoded (or taken from a scoring batch):
-    :meth:`result` waits, records it in ``past`` and returns its logits row (None: read the
-    context's last row)."""
+    """The token the reply appends next, decoded when the loop comes back for its logits (or
+    already taken from a scoring batch): :meth:`result` decodes it, records it in ``past`` and
+    returns its logits row (None: read the context's last row)."""
 
-    __slots__ = ("_decoder", "_past", "_row", "_tok")
+    __slots__ = ("_decode", "_past", "_row", "_tok")
 
     def __init__(
         self,
         tok: int,
         past: list[int],
-        decoder: _DecodeThread | None = None,
+        decode: Callable[[int, int], None] | None = None,
         row: np.ndarray | None = None,
     ) -> None:
-        self._tok, self._past, self._decoder, self._row = tok, past, decoder, row
+        self._tok, self._past, self._decode, self._row = tok, past, decode, row
 
     def result(self) -> np.ndarray | None:
         """The logits after the token, once it is in the cache."""
-        d, self._decoder = self._decoder, None
+        d, self._decode = self._decode, None
         if d is not None:
-            d.wait()
+            d(self._tok, len(self._past))
             self._past.append(self._tok)
         return self._row
 
@@ -350,6 +350,7 @@ class LlamaCppBackend:
         self._past: list[int] = []  # tokens in sequence 0's cache
         self._lock = threading.Lock()
         self._piece_cache: dict[int, bytes] = {}
+        self._shown: dict[int, tuple[str, bytes]] = {}  # an alternative's text and bytes by id
         self._vocab: Any = None
         self._formatter = self._make_formatter()
         self._eos = self._llm.token_eos()
@@ -583,8 +584,8 @@ class LlamaCppBackend:
     def _advance(self, tok: int) -> _Advance:
         """Append ``tok`` to sequence 0. When the last scoring batch already decoded it (the
         marker the reply writes next), its cache cell is shared into sequence 0 and the logits
-        after it are the result; else it is decoded on the decode thread (the result None says:
-        read them with _logits(-1)).
+        after it are the result; else it is decoded when the result is asked for (None: read
+        them with _logits(-1)).
 
         Measured: a boundary's batch (14 tokens for the seed voices) costs ~6 single decodes;
         reusing the written marker's 2-3 tokens saves that many decodes per boundary."""
@@ -597,8 +598,11 @@ class LlamaCppBackend:
                 self._past.append(tok)
                 return _Advance(tok, self._past, row=hit[1])
             self._drop_spec()
-        self._decoder.start([(tok, pos, 0, True)])
-        return _Advance(tok, self._past, self._decoder)
+        return _Advance(tok, self._past, self._decode_next)
+
+    def _decode_next(self, tok: int, pos: int) -> None:
+        """Decode the reply's next token at ``pos`` of sequence 0, on this thread."""
+        self._decode([(tok, pos, 0, True)])
 
     def _set_vector(self, spec: tuple[tuple[str, float], ...], conductor: Any) -> None:
         """Put the voice vectors of ``spec`` ((voice, strength) pairs) into the context; one
@@ -666,7 +670,7 @@ class LlamaCppBackend:
         n = 0
         grammar: _Grammar | None = None
         conductor = request.conductor
-        pending: _Advance | None = None  # the token decoding on the decode thread
+        pending: _Advance | None = None  # the token the next step decodes first
         side_jobs: list[Future[list[float]]] = []  # who-speaks-next scored on the side
         try:
             try:
@@ -710,6 +714,7 @@ class LlamaCppBackend:
             x_next: np.ndarray | None = None
             want = L.ranking_size(k, s.temperature, s.top_k)
             xbuf = np.empty(self._n_vocab, dtype=np.float32)
+            scratch = np.empty(self._n_vocab, dtype=np.float32)  # the entropy's pass
             while True:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
@@ -717,34 +722,37 @@ class LlamaCppBackend:
                 if pending is not None:
                     x_next = pending.result()
                     pending = None
-                if x_next is None:
-                    # The step's own copy (the next decode overwrites llama.cpp's buffer), into
-                    # one buffer: nothing keeps x past its step.
-                    x = xbuf
-                    np.copyto(x, self._logits(-1))
-                else:
-                    x = x_next
+                # llama.cpp's own row, read in place: the step is over before the next decode
+                # (a scoring batch in line copies it first: see score).
+                x = self._logits(-1) if x_next is None else x_next
+                held: list[np.ndarray] = [x]
                 m = float(x.max())
                 # One ranking serves the alternatives and the sampler's candidates.
                 ranked = L.top_indices(x, want, m) if want > 0 else None
                 top_ids = ranked[:k] if ranked is not None and k else None
                 # The log-partition and entropy (a pass over the vocabulary) are the trace's:
-                # they are computed while the next token decodes, unless steering asks first.
+                # computed once the token is drawn, unless steering asks first.
                 memo: list[tuple[float, float]] = []
 
                 def stats(
                     x: np.ndarray = x, m: float = m, memo: list[tuple[float, float]] = memo
                 ) -> tuple[float, float]:
                     if not memo:
-                        memo.append(L.partition_entropy(x, m))
+                        memo.append(L.partition_entropy(x, m, scratch))
                     return memo[0]
 
                 def score(
                     seqs: Sequence[Sequence[int]],
                     x: np.ndarray = x,
                     stats: Any = stats,
+                    held: list[np.ndarray] = held,
                 ) -> list[float]:
-                    return self.score_sequences(seqs, x, stats()[0], keep=True)
+                    log_z = stats()[0]
+                    if held[0] is not xbuf:
+                        # The batch overwrites llama.cpp's rows: the step goes on with a copy.
+                        np.copyto(xbuf, x)
+                        held[0] = xbuf
+                    return self.score_sequences(seqs, xbuf, log_z, keep=True)
 
                 def later(
                     seqs: Sequence[Sequence[int]],
@@ -761,6 +769,7 @@ class LlamaCppBackend:
                     if conductor is not None
                     else None
                 )
+                x = held[0]
                 if forced_queue and (step is None or step.force is None):
                     step = step or _plain_step(base, s.top_k)
                     step.force = forced_queue.pop(0)
@@ -808,16 +817,18 @@ class LlamaCppBackend:
                         )
                         if forced:
                             tok, steered, slp = tok2, True, 0.0
+                        x = held[0]
                 if self._is_eog(tok):
                     reason = "stop"
                     break
                 if grammar is not None:
                     grammar.accept(tok)
                 if n + 1 < max_new:
-                    # Decode the token on the decode thread while its event is built and handed on
-                    # (the consumer's parser and trace run meanwhile, on the core the one
-                    # decode thread leaves free). If a stop string ends here, the token stays
-                    # decoded: _past says what the cache holds, and nothing else reads it.
+                    # Decoded at the next step's start, after its event is handed on (the
+                    # consumer's parser and conductor see the token first). On this thread, as
+                    # llama-cpp-python does: a decode thread overlapped the event with the
+                    # decode, but each hand-over woke an idle core (a halted vCPU here) twice,
+                    # measured 0.49 ms a token, more than the work it overlapped.
                     pending = self._advance(tok)
                 log_z, entropy = stats()
                 b = self.piece(tok)
@@ -864,11 +875,8 @@ class LlamaCppBackend:
         except Exception as e:  # keep the partial reply; report the fault as the final event
             yield FinishEvent("error", f"{type(e).__name__}: {e}")
         finally:
-            if pending is not None:
-                try:
-                    pending.result()
-                except Exception:
-                    pass  # the loop is over: the cache is dropped at the next prompt
+            # A pending token is not decoded: _past says the cache lacks it.
+            pending = None
             _settle(side_jobs)
             self._drop_spec()
             if grammar is not None:
@@ -1007,7 +1015,16 @@ class LlamaCppBackend:
         the emitter's incremental UTF-8 decoder), plus what steering did."""
         top: tuple[Alternative, ...] = ()
         if top_ids is not None:
-            top = tuple(self._alternative(int(i), x, log_z) for i in top_ids)
+            # One gather for the values, text and bytes from a per-id cache.
+            shown = self._shown
+            alts = []
+            for i, v in zip(top_ids.tolist(), x[top_ids].tolist(), strict=True):
+                tb = shown.get(i)
+                if tb is None:
+                    b = self.piece(i)
+                    tb = shown[i] = (alt_text(b), b)
+                alts.append(Alternative(tb[0], v - log_z, i, tb[1]))
+            top = tuple(alts)
         return TokenEvent(
             text="",
             token_id=tok,
@@ -1017,10 +1034,6 @@ class LlamaCppBackend:
             entropy=entropy,
             **steering,
         )
-
-    def _alternative(self, tok: int, x: np.ndarray, log_z: float) -> Alternative:
-        b = self.piece(tok)
-        return Alternative(alt_text(b), float(x[tok]) - log_z, tok, b)
 
     def close(self) -> None:
         """Free the context, then the model."""
