@@ -135,7 +135,9 @@ class _Grammar:
 class _DecodeThread:
     """One thread that runs ``llama_decode`` on the reply's context and batch when told, so
     that the caller's telemetry and its consumer's work run meanwhile (llama_decode releases
-    the GIL).
+    the GIL). Branching uses it for its children's batches; a single reply no longer does:
+    each hand-over wakes an idle core twice (0.49 ms a token on this project's VM), more than
+    one reply's per-token work it overlapped (see stream).
 
     Three plain locks hand over (go, inside, done): the caller fills the batch and
     :meth:`start` returns once this thread is about to enter llama.cpp; :meth:`wait` returns its
@@ -360,11 +362,11 @@ class LlamaCppBackend:
         # Who-speaks-next scoring decodes every marker on its own sequence; the one the reply
         # then writes is taken from there instead of decoded again (see _advance).
         self._spec: _Scored | None = None
-        # The decode loop's single-token decodes run here, one at a time, so the step's
-        # telemetry and the consumer's work overlap them (see stream).
+        # Branching's batches decode here while the children's telemetry is worked out (see
+        # sample_children); a single reply decodes on its own thread (see stream).
         self._decoder = _DecodeThread(llama_cpp, self._ctx, self._batch)
         # Who-speaks-next that only observes (nothing is chosen by it) is scored on a second
-        # context, on the core the one decode thread leaves, while the reply decodes on
+        # context, on the core the reply's one-thread decode leaves, while the reply decodes on
         # (llama_score). It mirrors sequence 0 from the lowest position removed since the
         # last copy (_seq0_cut). One core: nothing to overlap with, scored in line.
         self.side_scoring = side_scoring if side_scoring is not None else _cores() >= 2
