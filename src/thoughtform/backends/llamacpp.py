@@ -758,10 +758,11 @@ class LlamaCppBackend:
 
                 def later(
                     seqs: Sequence[Sequence[int]],
-                    x: np.ndarray = x,
                     stats: Any = stats,
+                    held: list[np.ndarray] = held,
                 ) -> Future[list[float]] | None:
-                    fut = self.score_later(seqs, x, stats()[0])
+                    # held: the copy, if a batch in line came first in this step.
+                    fut = self.score_later(seqs, held[0], stats()[0])
                     if fut is not None:
                         side_jobs.append(fut)
                     return fut
