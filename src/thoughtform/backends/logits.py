@@ -155,7 +155,6 @@ def sample(
         idx = ranked[:take]
     else:
         idx = top_indices(x, take, m)
-    inv = 1.0 / temperature
     total: float | None = None
     if take < k:
         # More candidates are allowed than taken: widen (x4) while these do not hold top_p of
@@ -170,6 +169,7 @@ def sample(
     else:
         # The few candidates in plain floats: after a decode each numpy call on a small array
         # costs more than this arithmetic (sampling 97-107 us -> see bench backend).
+        inv = 1.0 / temperature
         wl = [math.exp((v - m) * inv) for v in x[idx].tolist()]
     if k < n:
         mass = math.fsum(wl)

@@ -127,12 +127,16 @@ def bench_backend(
     first: dict[str, list[float]] = {k: [] for k in keys}
     counts: dict[str, list[int]] = {k: [] for k in keys}
 
-    def run_llama(llm: Any, seed: int, logprobs: int | None, key: str) -> float:
-        llm.set_seed(seed)
-        t0 = time.perf_counter()
-        t1 = 0.0
-        count = 0
-        for chunk in llm.create_completion(
+    def ours_request(seed: int) -> GenerationRequest:
+        return GenerationRequest(
+            messages=messages,
+            sampling=Sampling(temperature=0.8, top_p=0.95, top_k=40, seed=seed, max_tokens=n),
+            alternatives=10,
+        )
+
+    def completion(llm: Any, seed: int, logprobs: int | None = None) -> Iterator[Any]:
+        """llama-cpp-python's streamed completion, with the sampling ours_request asks."""
+        return llm.create_completion(
             prompt_text,
             max_tokens=n,
             temperature=0.8,
@@ -142,7 +146,14 @@ def bench_backend(
             seed=seed,
             logprobs=logprobs,
             stream=True,
-        ):
+        )
+
+    def run_llama(llm: Any, seed: int, logprobs: int | None, key: str) -> float:
+        llm.set_seed(seed)
+        t0 = time.perf_counter()
+        t1 = 0.0
+        count = 0
+        for chunk in completion(llm, seed, logprobs):
             if not count:
                 t1 = time.perf_counter()
             lp = chunk["choices"][0].get("logprobs")
@@ -168,27 +179,11 @@ def bench_backend(
             return run_llama(native, seed, 5, key)
         return run_ours(key, seed, trace_dir)
 
-    def ours_request(seed: int) -> GenerationRequest:
-        return GenerationRequest(
-            messages=messages,
-            sampling=Sampling(temperature=0.8, top_p=0.95, top_k=40, seed=seed, max_tokens=n),
-            alternatives=10,
-        )
-
     def paired(seed: int, trace_dir: str) -> tuple[float, float]:
         """(c) and (a) in lockstep, token for token."""
         trace_path = os.path.join(trace_dir, f"lockstep-{seed}.jsonl")
         gen = Generation(ours, ours_request(seed), vs, trace_path=trace_path)
-        chunks = plain.create_completion(
-            prompt_text,
-            max_tokens=n,
-            temperature=0.8,
-            top_p=0.95,
-            top_k=40,
-            min_p=0.0,
-            seed=seed,
-            stream=True,
-        )
+        chunks = completion(plain, seed)
 
         def tokens(item: Any) -> int:
             if isinstance(item, dict):  # a completion chunk; the last only says why it ended
