@@ -22,7 +22,8 @@ $(PY):
 	$(PIP) install -q -c constraints.txt --upgrade pip
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml constraints.txt build-constraints.txt | $(PY)
+# setup.py builds the one compiled part (backends/_scan.c) into the source tree.
+$(STAMP): pyproject.toml setup.py src/thoughtform/backends/_scan.c constraints.txt build-constraints.txt | $(PY)
 	$(PIP) install $(PINS) 'torch==2.13.0'
 	$(PIP) install $(PINS) -e '.[dev,llama,ui,hf,train]'
 	touch $@
@@ -63,4 +64,5 @@ vectors: $(STAMP)
 	scripts/build_vectors.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build
+	find src -name '*.so' -delete

@@ -716,7 +716,7 @@ class LlamaCppBackend:
             x_next: np.ndarray | None = None
             want = L.ranking_size(k, s.temperature, s.top_k)
             xbuf = np.empty(self._n_vocab, dtype=np.float32)
-            scratch = np.empty(self._n_vocab, dtype=np.float32)  # the entropy's pass
+            ibuf = np.empty(self._n_vocab, dtype=np.intp)  # the scan's candidates
             while True:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
@@ -728,28 +728,17 @@ class LlamaCppBackend:
                 # (a scoring batch in line copies it first: see score).
                 x = self._logits(-1) if x_next is None else x_next
                 held: list[np.ndarray] = [x]
-                m = float(x.max())
-                # One ranking serves the alternatives and the sampler's candidates.
-                ranked = L.top_indices(x, want, m) if want > 0 else None
+                # The maximum, log-partition, exact entropy and one ranking (the alternatives
+                # and the sampler's candidates) in one pass (compiled where built).
+                m, log_z, entropy, ranked = L.scan(x, want, ibuf)
                 top_ids = ranked[:k] if ranked is not None and k else None
-                # The log-partition and entropy (a pass over the vocabulary) are the trace's:
-                # computed once the token is drawn, unless steering asks first.
-                memo: list[tuple[float, float]] = []
-
-                def stats(
-                    x: np.ndarray = x, m: float = m, memo: list[tuple[float, float]] = memo
-                ) -> tuple[float, float]:
-                    if not memo:
-                        memo.append(L.partition_entropy(x, m, scratch))
-                    return memo[0]
 
                 def score(
                     seqs: Sequence[Sequence[int]],
                     x: np.ndarray = x,
-                    stats: Any = stats,
+                    log_z: float = log_z,
                     held: list[np.ndarray] = held,
                 ) -> list[float]:
-                    log_z = stats()[0]
                     if held[0] is not xbuf:
                         # The batch overwrites llama.cpp's rows: the step goes on with a copy.
                         np.copyto(xbuf, x)
@@ -758,11 +747,11 @@ class LlamaCppBackend:
 
                 def later(
                     seqs: Sequence[Sequence[int]],
-                    stats: Any = stats,
+                    log_z: float = log_z,
                     held: list[np.ndarray] = held,
                 ) -> Future[list[float]] | None:
                     # held: the copy, if a batch in line came first in this step.
-                    fut = self.score_later(seqs, held[0], stats()[0])
+                    fut = self.score_later(seqs, held[0], log_z)
                     if fut is not None:
                         side_jobs.append(fut)
                     return fut
@@ -793,7 +782,7 @@ class LlamaCppBackend:
                             xs[bias_ids] += bias_vals
                         if step is not None and step.ban is not None:
                             banned = step.ban
-                            mass = float(np.exp(x[banned] - stats()[0]).sum())
+                            mass = float(np.exp(x[banned] - log_z).sum())
                             xs[banned] = -np.inf
                             steered = steered or mass > 1e-6
                         steered = steered or bool(bias_ids.size)
@@ -833,7 +822,6 @@ class LlamaCppBackend:
                     # decode, but each hand-over woke an idle core (a halted vCPU here) twice,
                     # measured 0.49 ms a token, more than the work it overlapped.
                     pending = self._advance(tok)
-                log_z, entropy = stats()
                 b = self.piece(tok)
                 ev = self._token_event(
                     tok,

@@ -3,7 +3,8 @@
 Each step works in float32 on the full vocabulary (49,152 for SmolLM2) once: the log-partition
 and exact entropy without materialising the log-softmax (H = log Z - E_p[x]), the top-k by a
 threshold scan (:func:`top_indices`), and sampling that sorts only the few hundred candidates
-top-p keeps.
+top-p keeps. :func:`scan` does the first two in one compiled pass (``_scan.c``, built by the
+install where a C compiler is present); the numpy path is the same arithmetic.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+try:  # the compiled pass (setup.py builds it; optional: the numpy path below stands in)
+    from . import _scan
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _scan = None  # type: ignore[assignment]
 
 # Candidates taken before top-p (widened when they hold less than top_p of the mass). Measured
 # on 400 steps of the embedded model at temperature 0.7 / top-p 0.95: the nucleus is 2 tokens
@@ -29,6 +35,12 @@ _GROWTH = 1.5
 # right after a decode (cold caches, where each numpy call costs 2-5x its warm time): the few
 # calls of one sort beat the partition's eight on the few hundred the scan leaves.
 _SORT_ALL = 512
+
+
+def kernel() -> str:
+    """Which code makes :func:`scan`'s pass: ``avx2``, ``plain`` (compiled, no SIMD) or
+    ``numpy`` (the extension is not built)."""
+    return _scan.kernel() if _scan is not None else "numpy"
 
 
 def top_indices(x: np.ndarray, k: int, m: float | None = None) -> np.ndarray:
@@ -55,6 +67,12 @@ def top_indices(x: np.ndarray, k: int, m: float | None = None) -> np.ndarray:
             margin *= _GROWTH
         if idx.shape[0] < k:  # fewer finite values than k (a mask banned the rest)
             idx = np.flatnonzero(np.isfinite(x))
+    return _rank(x, idx, k)
+
+
+def _rank(x: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest of ``x`` among the candidates ``idx`` (ascending ids, at least ``k``
+    unless fewer are finite), largest first, ties by lower id."""
     v = x[idx]
     if idx.shape[0] > max(k, _SORT_ALL):
         # Everything above the k-th value, then ties at it by lower index (argpartition alone
@@ -67,11 +85,41 @@ def top_indices(x: np.ndarray, k: int, m: float | None = None) -> np.ndarray:
     return idx[np.argsort(-v, kind="stable")[:k]]
 
 
+def scan(x: np.ndarray, k: int, buf: np.ndarray) -> tuple[float, float, float, np.ndarray | None]:
+    """``(max, log_z, entropy, top)`` of one step's raw float32 logits ``x``: ``top`` the ``k``
+    most likely ids as :func:`top_indices` ranks them (None for ``k`` 0). ``buf``: an intp
+    buffer as long as ``x`` for the compiled pass's candidates (kept by the caller: a fresh one
+    per step would be a 400 KB allocation).
+
+    Compiled (``_scan.c``): one call, two passes over the vocabulary. Measured in the decode
+    loop of the embedded model, where right after a decode each numpy call costs 2-5x its warm
+    time: the time a token spends outside the decode fell from 0.73 to 0.56 ms; the float32
+    sums of the numpy path err by up to 6e-5 nats, the compiled pass's by under 2e-7 (against
+    float64, on 100 recorded steps)."""
+    if _scan is not None:
+        try:
+            m, s, sd, c = _scan.scan(x, k, buf)
+        except (TypeError, ValueError):  # not a contiguous float32 vector: the numpy path
+            pass
+        else:
+            if math.isfinite(m) and s > 0.0:
+                log_s = math.log(s)
+                return m, m + log_s, max(0.0, log_s - sd / s), buf[:c].copy() if k > 0 else None
+    m = float(x.max())
+    log_z, entropy = partition_entropy(x, m)
+    return m, log_z, entropy, top_indices(x, k, m) if k > 0 else None
+
+
 def partition_entropy(
     x: np.ndarray, m: float | None = None, out: np.ndarray | None = None
 ) -> tuple[float, float]:
     """``(log_z, entropy)`` of raw logits ``x`` (``m``: x's maximum, when the caller has it;
     ``out``: a scratch buffer of x's shape and dtype, else one is allocated)."""
+    if _scan is not None and x.dtype == np.float32 and x.flags.c_contiguous:
+        cm, s, sd, _ = _scan.scan(x, 0, None)
+        if math.isfinite(cm) and s > 0.0:
+            log_s = math.log(s)
+            return cm + log_s, max(0.0, log_s - sd / s)
     m = float(x.max()) if m is None else m
     z = np.subtract(x, m, out=out)
     np.exp(z, out=z)  # one buffer: in the decode loop each pass over the vocabulary counts

@@ -85,6 +85,7 @@ def bench_backend(
 
     from ..adapters.merged import merged_voices_model
     from ..backends import GenerationRequest, Message, Sampling
+    from ..backends import logits as L
     from ..generate import Generation
     from ..models import EMBEDDED_VOICES, embedded_gguf_path
     from ..prompting import voice_system_prompt
@@ -219,6 +220,7 @@ def bench_backend(
         "tokens": n,
         "rounds": rounds,
         "threads": threads,
+        "scan_kernel": L.kernel(),  # the compiled pass over each step's logits, or numpy
         "plain_tok_s": round(p, 2),
         "native_logprobs_tok_s": round(nat, 2),
         "telemetry_tok_s": round(tel, 2),
