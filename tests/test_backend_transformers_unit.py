@@ -25,7 +25,7 @@ def _run(chunks: list[bytes], stops: tuple[str, ...] = ()) -> tuple[list[TokenEv
     em = _Emitter(stops)
     out: list[TokenEvent] = []
     for i, b in enumerate(chunks):
-        out += em.push(TokenEvent(text="", token_id=i, bytes=b), b)
+        out += em.push(TokenEvent(text=em.decode(b), token_id=i, bytes=b))
         if em.stopped:
             break
     out += em.flush()
@@ -78,9 +78,11 @@ def test_stop_string_across_tokens_is_cut_and_not_emitted() -> None:
 
 def test_stop_string_prefix_is_held_then_released() -> None:
     em = _Emitter(("</s>",))
-    assert [e.text for e in em.push(TokenEvent(text=""), b"a<")] == []  # "<" may start "</s>"
-    assert [e.text for e in em.push(TokenEvent(text=""), b"/")] == []
-    got = em.push(TokenEvent(text=""), b"x")
+    assert [
+        e.text for e in em.push(TokenEvent(text=em.decode(b"a<")))
+    ] == []  # "<" may start "</s>"
+    assert [e.text for e in em.push(TokenEvent(text=em.decode(b"/")))] == []
+    got = em.push(TokenEvent(text=em.decode(b"x")))
     assert [e.text for e in got] == ["a<", "/", "x"]
     assert em.flush() == []
 

@@ -239,10 +239,17 @@ class TokenEmitter:
         self.pending: list[TokenEvent] = []
         self.stopped = False
 
-    def push(self, ev: TokenEvent, raw: bytes) -> list[TokenEvent]:
-        """Add one token (text computed here from ``raw``); return the tokens now safe to emit."""
-        text = self.dec.decode(raw)
-        self.pending.append(dataclasses.replace(ev, text=text))
+    def decode(self, raw: bytes) -> str:
+        """The text of a token's bytes ``raw`` (a character split across tokens lands on the
+        token that ends it): the ``text`` of the event :meth:`push` gets next."""
+        return self.dec.decode(raw)
+
+    def push(self, ev: TokenEvent) -> list[TokenEvent]:
+        """Add one token, its ``text`` from :meth:`decode`; return the tokens now safe to emit.
+
+        Why two calls: the caller builds the event with its text at once (copying a frozen
+        event to set it cost 4 us warm a token, more right after a decode)."""
+        self.pending.append(ev)
         if not self.stops and not self.dec.getstate()[0]:
             ready = self.pending
             self.pending = []

@@ -822,9 +822,9 @@ class LlamaCppBackend:
                     # decode, but each hand-over woke an idle core (a halted vCPU here) twice,
                     # measured 0.49 ms a token, more than the work it overlapped.
                     pending = self._advance(tok)
-                b = self.piece(tok)
                 ev = self._token_event(
                     tok,
+                    emitter,
                     x,
                     log_z,
                     entropy,
@@ -834,7 +834,7 @@ class LlamaCppBackend:
                     forced=forced,
                     vector=step.vector if step is not None else (),
                 )
-                for out in emitter.push(ev, b):
+                for out in emitter.push(ev):
                     if t_first is None:
                         t_first = time.perf_counter() - t0
                     yield out
@@ -908,11 +908,18 @@ class LlamaCppBackend:
             for tok in request.forced:
                 x = np.array(self._logits(-1), dtype=np.float32)
                 log_z, entropy, top_ids = L.summarize(x, k)
-                b = self.piece(tok)
                 ev0 = self._token_event(
-                    tok, x, log_z, entropy, top_ids, steered=True, steered_logprob=0.0, forced=True
+                    tok,
+                    head_emit,
+                    x,
+                    log_z,
+                    entropy,
+                    top_ids,
+                    steered=True,
+                    steered_logprob=0.0,
+                    forced=True,
                 )
-                head.extend(head_emit.push(ev0, b))
+                head.extend(head_emit.push(ev0))
                 self._decode([(tok, len(self._past), 0, True)])
                 self._past.append(tok)
             head.extend(head_emit.flush())
@@ -972,8 +979,8 @@ class LlamaCppBackend:
                     for c, tok, x, m, ranked in picks:
                         log_z, entropy = L.partition_entropy(x, m)
                         top_ids = ranked[:k] if ranked is not None and k else None
-                        ev = self._token_event(tok, x, log_z, entropy, top_ids)
-                        out[c].extend(emitters[c].push(ev, self.piece(tok)))
+                        ev = self._token_event(tok, emitters[c], x, log_z, entropy, top_ids)
+                        out[c].extend(emitters[c].push(ev))
                         if not emitters[c].stopped:
                             live.append(c)
                     pos += 1
@@ -996,14 +1003,16 @@ class LlamaCppBackend:
     def _token_event(
         self,
         tok: int,
+        emitter: TokenEmitter,
         x: np.ndarray,
         log_z: float,
         entropy: float,
         top_ids: np.ndarray | None,
         **steering: Any,
     ) -> TokenEvent:
-        """One step's event: the chosen token with the model's own telemetry (text is set by
-        the emitter's incremental UTF-8 decoder), plus what steering did."""
+        """One step's event: the chosen token with the model's own telemetry (its text from
+        ``emitter``'s incremental UTF-8 decoder, which it is pushed to next), plus what
+        steering did."""
         top: tuple[Alternative, ...] = ()
         if top_ids is not None:
             # One gather for the values, text and bytes from a per-id cache.
@@ -1016,10 +1025,11 @@ class LlamaCppBackend:
                     tb = shown[i] = (alt_text(b), b)
                 alts.append(Alternative(tb[0], v - log_z, i, tb[1]))
             top = tuple(alts)
+        b = self.piece(tok)
         return TokenEvent(
-            text="",
+            text=emitter.decode(b),
             token_id=tok,
-            bytes=self.piece(tok),
+            bytes=b,
             logprob=float(x[tok]) - log_z,
             top=top,
             entropy=entropy,

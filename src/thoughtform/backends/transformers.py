@@ -715,18 +715,18 @@ class TransformersBackend:
                         else None,
                         self._lens(out.hidden_states, raw_logits) if want_lens else None,
                     )
-                    if steered or forced or (step is not None and step.vector):
-                        ev = dataclasses.replace(
-                            ev,
-                            steered=steered,
-                            steered_logprob=slp if steered else None,
-                            forced=forced,
-                            vector=step.vector if step is not None else (),
-                        )
+                    ev = dataclasses.replace(
+                        ev,
+                        text=emitter.decode(self.token_bytes(tid)),
+                        steered=steered,
+                        steered_logprob=slp if steered else None,
+                        forced=forced,
+                        vector=step.vector if step is not None and step.vector else (),
+                    )
                     gen_ids.append(tid)
                     n += 1
                     last = tid
-                    yield from emitter.push(ev, self.token_bytes(tid))
+                    yield from emitter.push(ev)
                     if emitter.stopped:
                         reason = "stop"
                         break
