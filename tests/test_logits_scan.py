@@ -115,6 +115,26 @@ def test_what_the_pass_cannot_take_goes_the_numpy_way() -> None:
     assert top is not None and top.tolist() == []
 
 
+def test_infinities_and_nan_never_crash_the_pass() -> None:
+    from thoughtform.backends import _scan
+
+    x = np.zeros(50, dtype=np.float32)
+    x[[3, 40]] = [np.inf, np.nan]
+    # No candidates buffer: nothing may be written, +inf included (a NaN threshold).
+    m, _, _, count = _scan.scan(x, 0, None)
+    assert m == np.inf and count == 0
+    buf = np.full(50, -1, dtype=np.intp)
+    assert _scan.scan(x, 0, buf)[3] == 0 and (buf == -1).all()
+    # A NaN is passed over by the maximum and never ranked.
+    y = np.arange(20, dtype=np.float32)
+    y[2] = np.nan
+    m, _, _, count = _scan.scan(y, 3, buf)
+    assert m == 19.0 and buf[:count].tolist() == [19, 18, 17]
+    # A maximum that is not finite: nothing ranked (logits.scan takes the numpy path then).
+    y[7] = np.inf
+    assert _scan.scan(y, 3, buf)[::3] == (np.inf, 0)
+
+
 def test_the_compiled_call_refuses_bad_buffers() -> None:
     from thoughtform.backends import _scan
 

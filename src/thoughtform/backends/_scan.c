@@ -6,7 +6,8 @@
        sd    sum of exp(x_i - m) * (x_i - m), so that log Z = m + log s and H = log s - sd / s
              (every term <= 0: no cancellation; terms whose exp underflows are left out)
        count how many ids out[0:count] holds: the k largest finite values' ids, largest first,
-             ties by lower id (fewer when fewer are finite; out None or k 0: none)
+             ties by lower id (fewer when fewer are finite; none when out is None, k is 0
+             or the maximum is not finite: logits.scan takes its numpy path then)
 
    x is a C-contiguous float32 vector, out a writable intp vector at least as long (it holds
    the candidates on the way). Why compiled: the numpy path makes eight to ten calls over the
@@ -40,15 +41,13 @@ typedef struct {
     Py_ssize_t count;
 } scan_result;
 
-static void scan_plain(const float *x, Py_ssize_t n, float margin, Py_ssize_t *out,
-                       scan_result *r) {
-    float m = -INFINITY;
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (x[i] > m) m = x[i];
-    double s = 0.0, sd = 0.0;
-    Py_ssize_t c = 0;
-    const float thr = m - margin;
-    for (Py_ssize_t i = 0; i < n; i++) {
+/* The scalar step over x[from:n]: the sums' terms and the candidates >= thr, added to *r
+   (the whole vector in the plain path, the tail after the last 8-wide block in the AVX2 one). */
+static void scan_tail(const float *x, Py_ssize_t from, Py_ssize_t n, float m, float thr,
+                      Py_ssize_t *out, scan_result *r) {
+    double s = r->s, sd = r->sd;
+    Py_ssize_t c = r->count;
+    for (Py_ssize_t i = from; i < n; i++) {
         const float v = x[i];
         const float d = v - m;
         if (d >= TF_UNDER) {
@@ -58,15 +57,24 @@ static void scan_plain(const float *x, Py_ssize_t n, float margin, Py_ssize_t *o
         }
         if (v >= thr) out[c++] = i;
     }
-    r->m = m;
     r->s = s;
     r->sd = sd;
     r->count = c;
 }
 
-static Py_ssize_t above_plain(const float *x, Py_ssize_t n, float thr, Py_ssize_t *out) {
-    Py_ssize_t c = 0;
+static void scan_plain(const float *x, Py_ssize_t n, float margin, Py_ssize_t *out,
+                       scan_result *r) {
+    float m = -INFINITY;
     for (Py_ssize_t i = 0; i < n; i++)
+        if (x[i] > m) m = x[i];
+    *r = (scan_result){m, 0.0, 0.0, 0};
+    scan_tail(x, 0, n, m, m - margin, out, r);
+}
+
+/* The indices of x[from:n] >= thr, written to out from position c; returns the new count. */
+static Py_ssize_t above_plain(const float *x, Py_ssize_t from, Py_ssize_t n, float thr,
+                              Py_ssize_t *out, Py_ssize_t c) {
+    for (Py_ssize_t i = from; i < n; i++)
         if (x[i] >= thr) out[c++] = i;
     return c;
 }
@@ -141,22 +149,8 @@ __attribute__((target("avx2,fma"))) static void scan_avx2(const float *x, Py_ssi
         p0 = _mm256_add_pd(p0, _mm256_cvtps_pd(_mm256_castps256_ps128(fp)));
         p1 = _mm256_add_pd(p1, _mm256_cvtps_pd(_mm256_extractf128_ps(fp, 1)));
     }
-    double s = hsum4(_mm256_add_pd(s0, s1)), sd = hsum4(_mm256_add_pd(p0, p1));
-    const float thr = m - margin;
-    for (; i < n; i++) {
-        const float v = x[i];
-        const float d = v - m;
-        if (d >= TF_UNDER) {
-            const float e = expf(d);
-            s += e;
-            sd += (double)e * d;
-        }
-        if (v >= thr) out[c++] = i;
-    }
-    r->m = m;
-    r->s = s;
-    r->sd = sd;
-    r->count = c;
+    *r = (scan_result){m, hsum4(_mm256_add_pd(s0, s1)), hsum4(_mm256_add_pd(p0, p1)), c};
+    scan_tail(x, n8, n, m, m - margin, out, r);
 }
 
 __attribute__((target("avx2"))) static Py_ssize_t above_avx2(const float *x, Py_ssize_t n,
@@ -171,9 +165,7 @@ __attribute__((target("avx2"))) static Py_ssize_t above_avx2(const float *x, Py_
             bits &= bits - 1;
         }
     }
-    for (; i < n; i++)
-        if (x[i] >= thr) out[c++] = i;
-    return c;
+    return above_plain(x, n8, n, thr, out, c);
 }
 #endif
 
@@ -183,7 +175,7 @@ static Py_ssize_t above(const float *x, Py_ssize_t n, float thr, Py_ssize_t *out
 #ifdef TF_X86
     if (use_avx2) return above_avx2(x, n, thr, out);
 #endif
-    return above_plain(x, n, thr, out);
+    return above_plain(x, 0, n, thr, out, 0);
 }
 
 /* Ranking: a heap of the k best so far, its root the worst of them. */
@@ -282,8 +274,8 @@ static PyObject *py_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     scan_result r;
     Py_ssize_t count = 0;
     Py_BEGIN_ALLOW_THREADS
-    /* no candidates asked: a margin no value reaches (m + inf) */
-    const float margin = k > 0 ? TF_MARGIN : -INFINITY;
+    /* no candidates asked: a NaN threshold, which no value reaches (not even +inf) */
+    const float margin = k > 0 ? TF_MARGIN : NAN;
 #ifdef TF_X86
     if (use_avx2)
         scan_avx2(x, n, margin, out, &r);
