@@ -44,7 +44,7 @@ def test_shipped_adapter_speaks_in_voices_about_the_prompt() -> None:
     )
     checks = [A.form_check(r, "seed") for r in replies]
     # The eval's target (README): >= 95% well-formed. Not "every one": a sampled reply may end
-    # after one block (seen once in 40 when the decode's numerics changed with flash attention).
+    # after one block (seen once in 40 when the decode's numerics changed, flash attention off).
     bad = [(r, c) for r, c in zip(replies, checks, strict=True) if not c.ok]
     assert A.form_rate(replies, "seed") >= 0.95, bad
     # Different prompts get different replies (it answers the prompt, not one memorised text).
