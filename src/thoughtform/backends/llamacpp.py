@@ -905,9 +905,10 @@ class LlamaCppBackend:
             # The forced tokens, once, in sequence 0, with the model's telemetry for each.
             head: list[TokenEvent] = []
             head_emit = TokenEmitter(())
+            ibuf = np.empty(self._n_vocab, dtype=np.intp)  # the scan's candidates
             for tok in request.forced:
                 x = np.array(self._logits(-1), dtype=np.float32)
-                log_z, entropy, top_ids = L.summarize(x, k)
+                _, log_z, entropy, top_ids = L.scan(x, k, ibuf)
                 ev0 = self._token_event(
                     tok,
                     head_emit,
@@ -937,8 +938,8 @@ class LlamaCppBackend:
             pos = len(ids)
             steps = 0
             want = L.ranking_size(k, s.temperature, s.top_k)
-            # Each step's batch decodes on the decode thread while the children's telemetry is worked
-            # out (as in stream); the batch holds the children whose token did not end them.
+            # Each step's batch decodes on the decode thread while the children's events are
+            # built and emitted; the batch holds the children whose token did not end them.
             pending = False  # a batch is decoding on the decode thread
             batch: list[tuple[int, int]] = []  # (child, token) in the pending batch's order
             try:
@@ -950,11 +951,11 @@ class LlamaCppBackend:
                         pending = False
                         rows = {c: i for i, (c, _) in enumerate(batch)}
                         self._past.extend(t for c, t in batch if c == 0)
-                    picks: list[tuple[int, int, np.ndarray, float, np.ndarray | None]] = []
+                    picks: list[tuple[int, int, np.ndarray, float, float, np.ndarray | None]] = []
                     for c in live:
                         x = np.array(self._logits(rows[c]), dtype=np.float32)
-                        m = float(x.max())
-                        ranked = L.top_indices(x, want, m) if want > 0 else None
+                        # As in stream: the maximum, log Z, entropy and the ranking in one pass.
+                        m, log_z, entropy, ranked = L.scan(x, want, ibuf)
                         xs = x
                         if bias_ids.size:
                             xs = x.copy()
@@ -966,9 +967,10 @@ class LlamaCppBackend:
                             s.top_k,
                             rngs[c],
                             ranked=ranked if xs is x else None,
+                            m=m if xs is x else None,
                         )
                         if not self._is_eog(tok):
-                            picks.append((c, tok, x, m, ranked))
+                            picks.append((c, tok, x, log_z, entropy, ranked))
                     steps += 1
                     batch = [(c, tok) for c, tok, *_ in picks]
                     if batch and steps < max_new:
@@ -976,8 +978,7 @@ class LlamaCppBackend:
                         self._decoder.start(items)
                         pending = True
                     live = []
-                    for c, tok, x, m, ranked in picks:
-                        log_z, entropy = L.partition_entropy(x, m)
+                    for c, tok, x, log_z, entropy, ranked in picks:
                         top_ids = ranked[:k] if ranked is not None and k else None
                         ev = self._token_event(tok, emitters[c], x, log_z, entropy, top_ids)
                         out[c].extend(emitters[c].push(ev))

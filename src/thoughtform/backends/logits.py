@@ -146,12 +146,10 @@ def _numpy_partition_entropy(
 
 
 def summarize(x: np.ndarray, k: int) -> tuple[float, float, np.ndarray | None]:
-    """``(log_z, entropy, top_ids)`` of raw logits ``x`` (top ids most likely first)."""
-    m = float(x.max())
-    log_z, entropy = partition_entropy(x, m)
-    if k <= 0:
-        return log_z, entropy, None
-    return log_z, entropy, top_indices(x, k, m)
+    """``(log_z, entropy, top_ids)`` of raw logits ``x`` (top ids most likely first): one
+    :func:`scan` with a buffer of its own (a loop over steps keeps one and calls scan)."""
+    _, log_z, entropy, top = scan(x, k, np.empty(x.shape[0], dtype=np.intp))
+    return log_z, entropy, top
 
 
 def candidates(top_k: int) -> int:
