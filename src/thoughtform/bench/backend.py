@@ -41,6 +41,9 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+_END = object()  # what next() gives for a stream that has ended
+
+
 def lockstep(a: Iterator[Any], b: Iterator[Any], tokens: Any) -> tuple[float, float]:
     """Tokens/s of two streams stepped in turn, one item of each (their first items, the
     prompt evaluation, apart), so that the host's drift falls on both alike: on this shared
@@ -59,14 +62,12 @@ def lockstep(a: Iterator[Any], b: Iterator[Any], tokens: Any) -> tuple[float, fl
             if not live[i]:
                 continue
             t = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                live[i] = False
-                spent[i] += time.perf_counter() - t
-                continue
+            item = next(it, _END)
             spent[i] += time.perf_counter() - t
-            count[i] += tokens(item)
+            if item is _END:
+                live[i] = False
+            else:
+                count[i] += tokens(item)
     return count[0] / spent[0], count[1] / spent[1]
 
 
